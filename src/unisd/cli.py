@@ -63,7 +63,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     "generate", "greedy chat completion of one prompt (a smoke test of the model provider)", _generate_args
 )
 def cmd_generate(args: argparse.Namespace) -> int:
-    from unisd.models import has_chat_template, load_model, load_tokenizer
+    from unisd.data.prompts import has_chat_template
+    from unisd.models import load_model, load_tokenizer
 
     model, tok = load_model(args.model), load_tokenizer(args.model)
     if has_chat_template(tok):

@@ -400,7 +400,3 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False, padding_side: 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))

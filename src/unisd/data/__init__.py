@@ -1,0 +1,45 @@
+"""Benchmarks as `Record`s, and the prompts built from them (see docs/benchmarks.md)."""
+
+from unisd.data.benchmarks import (
+    DATA_DIR_ENV,
+    DEFAULT_SEED,
+    SPLIT_FRACTIONS,
+    SPLIT_SALT,
+    assign_split,
+    available_splits,
+    load_benchmark,
+    render_tool_calls,
+    resolve_data_dir,
+)
+from unisd.data.prompts import (
+    context_messages,
+    encode_prompt,
+    negative_messages,
+    render_prompt,
+    solved_example,
+    student_messages,
+    teacher_messages,
+)
+from unisd.data.records import BENCHMARKS, TASK_KIND, Record
+
+__all__ = [
+    "BENCHMARKS",
+    "DATA_DIR_ENV",
+    "DEFAULT_SEED",
+    "SPLIT_FRACTIONS",
+    "SPLIT_SALT",
+    "TASK_KIND",
+    "Record",
+    "assign_split",
+    "available_splits",
+    "context_messages",
+    "encode_prompt",
+    "load_benchmark",
+    "negative_messages",
+    "render_prompt",
+    "render_tool_calls",
+    "resolve_data_dir",
+    "solved_example",
+    "student_messages",
+    "teacher_messages",
+]

@@ -1,0 +1,123 @@
+"""Data prep: benchmarks → training records (student + teacher prompt ids) and held-out eval records.
+
+Items whose student or teacher prompt exceeds its length limit are counted and dropped with a report —
+never silently truncated (a truncated teacher prompt would distil from a teacher that never saw the demo).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from unisd.artifacts import Timer, completed_manifest, hash_files, write_jsonl, write_manifest, write_text
+from unisd.config import StrictModel
+from unisd.data import encode_prompt, load_benchmark, resolve_data_dir, student_messages, teacher_messages
+from unisd.data.records import BENCHMARKS, Record
+
+log = logging.getLogger(__name__)
+
+
+class PrepareConfig(StrictModel):
+    benchmarks: list[str] = ["mbpp"]
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_limit: int | None = None  # per benchmark; a seeded sample when set
+    eval_limit: int | None = None
+    max_prompt_tokens: int = 3072
+    max_teacher_prompt_tokens: int = 4096
+    data_dir: str | None = None
+    seed: int = 0
+
+    def model_post_init(self, _context) -> None:
+        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"unknown benchmark(s) {unknown}; expected some of {list(BENCHMARKS)}")
+
+
+def _sample(records: list[Record], limit: int | None, seed: int) -> list[Record]:
+    if limit is None or limit >= len(records):
+        return records
+    return sorted(random.Random(seed).sample(records, limit), key=lambda r: r.id)
+
+
+def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tokenizer=None) -> dict:
+    """Write train.jsonl, eval/<benchmark>.jsonl, dropped.jsonl, report.md and manifest.json to `out_dir`."""
+    from unisd.models import load_tokenizer
+
+    out_dir = Path(out_dir)
+    timer = Timer()
+    data_dir = resolve_data_dir(cfg.data_dir)
+    inputs_hash = hash_files([], extra={"cfg": cfg.model_dump(), "model": model_spec, "data": str(data_dir)})
+    if done := completed_manifest(out_dir, inputs_hash):
+        return done
+    tokenizer = tokenizer or load_tokenizer(model_spec)
+    train_rows, dropped, eval_counts = [], [], {}
+    with timer("prepare"):
+        for name in cfg.benchmarks:
+            train = _sample(
+                load_benchmark(name, cfg.train_split, data_dir=data_dir), cfg.train_limit, cfg.seed
+            )
+            held_out = _sample(
+                load_benchmark(name, cfg.eval_split, data_dir=data_dir), cfg.eval_limit, cfg.seed
+            )
+            overlap = {r.id for r in train} & {r.id for r in held_out}
+            if overlap:
+                raise ValueError(f"{name}: {len(overlap)} items are in both the training and the eval split")
+            for rec in train:
+                student = encode_prompt(tokenizer, student_messages(rec))
+                teacher = encode_prompt(tokenizer, teacher_messages(rec))
+                reasons = []
+                if len(student) > cfg.max_prompt_tokens:
+                    reasons.append(
+                        f"student prompt {len(student)} > max_prompt_tokens {cfg.max_prompt_tokens}"
+                    )
+                if len(teacher) > cfg.max_teacher_prompt_tokens:
+                    reasons.append(
+                        f"teacher prompt {len(teacher)} > max_teacher_prompt_tokens {cfg.max_teacher_prompt_tokens}"
+                    )
+                if reasons:
+                    dropped.append({"id": rec.id, "stage": "prepare", "reasons": reasons})
+                    continue
+                train_rows.append(
+                    {
+                        "id": rec.id,
+                        "record": rec.to_dict(),
+                        "student_prompt_ids": student,
+                        "teacher_prompt_ids": teacher,
+                    }
+                )
+            write_jsonl(out_dir / "eval" / f"{name}.jsonl", [r.to_dict() for r in held_out])
+            eval_counts[name] = len(held_out)
+    if not train_rows:
+        raise ValueError(
+            f"no training items left after the length limits ({len(dropped)} dropped); see report"
+        )
+    write_jsonl(out_dir / "train.jsonl", train_rows)
+    write_jsonl(out_dir / "dropped.jsonl", dropped)
+    report = [
+        "# Data prep",
+        "",
+        f"model: `{model_spec}`, data: `{data_dir}`",
+        "",
+        "| benchmark | train items | eval items |",
+        "|---|---|---|",
+        *[
+            f"| {b} | {sum(1 for r in train_rows if r['record']['benchmark'] == b)} | {eval_counts[b]} |"
+            for b in cfg.benchmarks
+        ],
+        "",
+        f"Dropped for length (never truncated): {len(dropped)}",
+        *[f"- {d['id']}: {'; '.join(d['reasons'])}" for d in dropped[:50]],
+    ]
+    write_text(out_dir / "report.md", "\n".join(report) + "\n")
+    counts = {"train": len(train_rows), "dropped": len(dropped), "eval": eval_counts}
+    log.info("prepare: %s", counts)
+    return write_manifest(
+        out_dir,
+        stage="prepare",
+        config={**cfg.model_dump(), "model": model_spec},
+        inputs_hash=inputs_hash,
+        counts=counts,
+        timings=timer.timings,
+    )

@@ -1,0 +1,327 @@
+"""On-policy rollout: the student writes one completion per training prompt.
+
+Two backends behind one interface:
+- `hf`: batched `model.generate` (left padding, per-batch seeds derived from the item index so a shard
+  produces the same completions wherever it runs), truncation after the first EOS.
+- `vllm`: `vllm.LLM` with token-ID prompts, `SamplingParams(seed=…)`, sleep level 1 / wake up around
+  training, weight sync from the trainer once per optimizer step. vLLM is CUDA-only and pins its own torch,
+  so it lives in its own image (docker/rollout.Dockerfile); `auto` picks it when importable and a GPU exists.
+  Not executed on this project's CPU machines — coded against vLLM's public API.
+
+Both record the log-prob of each sampled token under the sampler (temperature 1, the raw distribution), so
+scoring can report staleness = mean |logp_rollout − logp_trainer| (≈0 healthy for HF; ≈0.01–0.02 healthy for
+vLLM in bf16; ≈0.2 means stale weights).
+
+The stage is sharded by index range (`num_shards`, `shard_index`) so the pipeline fans out over pods, and
+resumable: finished batches are appended to `partial.jsonl` and skipped on restart; a finished shard has a
+manifest and is skipped entirely.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from unisd.artifacts import (
+    Timer,
+    completed_manifest,
+    hash_files,
+    read_jsonl,
+    write_jsonl,
+    write_manifest,
+)
+from unisd.config import StrictModel
+
+log = logging.getLogger(__name__)
+
+
+class RolloutConfig(StrictModel):
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # the reference trains with T_r = 0.7, top_p = 1
+    top_p: float = 1.0
+    batch_size: int = 8
+    seed: int = 0
+    num_shards: int = 1
+    shard_index: int = 0
+    vllm_gpu_memory_utilization: float = 0.45  # leaves room for the colocated trainer
+    vllm_enable_sleep_mode: bool = True
+
+
+@dataclass
+class Completion:
+    id: str
+    completion_ids: list[int]
+    text: str
+    finished: bool  # ended with EOS (False: cut at max_new_tokens)
+    logps: list[float]  # sampler's log-prob of each completion token at temperature 1
+
+
+def shard_range(n_items: int, num_shards: int, shard_index: int) -> tuple[int, int]:
+    """Contiguous [start, end) slice of `n_items` for one shard; shards cover every item exactly once."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} out of range for num_shards={num_shards}")
+    base, extra = divmod(n_items, num_shards)
+    start = shard_index * base + min(shard_index, extra)
+    return start, start + base + (1 if shard_index < extra else 0)
+
+
+def pick_backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    return "vllm" if has_vllm and torch.cuda.is_available() else "hf"
+
+
+def _truncate_at_eos(ids: Sequence[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """Keep tokens up to and including the first EOS; report whether one was found."""
+    out: list[int] = []
+    for tok in ids:
+        out.append(int(tok))
+        if tok in eos_ids:
+            return out, True
+    return out, False
+
+
+def eos_token_ids(tokenizer, model=None) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_cfg = getattr(model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    return ids
+
+
+@torch.no_grad()
+def generate_hf(
+    model, tokenizer, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, *, first_index: int = 0
+) -> list[tuple[list[int], bool, list[float]]]:
+    """Generate one completion per prompt with HF `generate` (one batch; left padding).
+
+    The sampling seed is `cfg.seed + first_index`, so the same items give the same completions whatever the
+    sharding. Returns (completion ids truncated after the first EOS, finished, sampled-token log-probs).
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(list(p))
+        attention_mask[i, width - len(p) :] = 1
+    eos = eos_token_ids(tokenizer, model)
+    sample = cfg.temperature > 0
+    torch.manual_seed(cfg.seed + first_index)
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=sample,
+        temperature=cfg.temperature if sample else None,
+        top_p=cfg.top_p if sample else None,
+        top_k=0 if sample else None,  # the reference samples from the whole vocabulary (top_p=1, no top_k)
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos),
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    new_tokens = out.sequences[:, width:]
+    # Raw logits of each step → log-prob of the sampled token at temperature 1 (one [B, V] at a time).
+    step_logps = torch.stack(
+        [
+            torch.log_softmax(step.float(), dim=-1).gather(1, new_tokens[:, t : t + 1]).squeeze(1)
+            for t, step in enumerate(out.logits)
+        ],
+        dim=1,
+    ).cpu()
+    results = []
+    for i in range(len(prompts)):
+        ids, finished = _truncate_at_eos(new_tokens[i].tolist(), eos)
+        results.append((ids, finished, step_logps[i, : len(ids)].tolist()))
+    return results
+
+
+class VLLMRollout:
+    """vLLM engine for rollouts, colocated with the trainer (sleep level 1 between rollouts).
+
+    Not executed in this project's CI (no CUDA, and vLLM cannot share the training env); coded against
+    vLLM's public API: `LLM(..., enable_sleep_mode=True)`, `generate(TokensPrompt, SamplingParams)`,
+    `sleep(level=1)`, `wake_up()`, `collective_rpc` for the weight sync.
+    """
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, dtype: str = "bfloat16"):
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=cfg.seed,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+            enable_prefix_caching=True,
+        )
+        self.asleep = False
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], *, first_index: int = 0
+    ) -> list[tuple[list[int], bool, list[float]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.asleep:
+            self.wake_up()
+        # One SamplingParams per prompt so each item's seed depends on its index, not on the batch.
+        params = [
+            SamplingParams(
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_new_tokens,
+                seed=self.cfg.seed + first_index + i,
+                logprobs=0,  # the sampled token's log-prob
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params)
+        results = []
+        for out in outputs:
+            seq = out.outputs[0]
+            ids = list(seq.token_ids)
+            logps = [lp[tok].logprob for tok, lp in zip(ids, seq.logprobs or [])]
+            results.append((ids, seq.finish_reason == "stop", logps))
+        return results
+
+    def sleep(self) -> None:
+        """Free GPU memory for training: level 1 offloads weights to CPU and drops the KV cache."""
+        self.llm.sleep(level=1)
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+        self.asleep = False
+
+    def sync_weights(self, named_tensors) -> None:
+        """Load the trainer's current weights (once per optimizer step). Must run AFTER wake_up: waking
+        restores the weights offloaded at sleep time, which would overwrite a sync done while asleep."""
+        if self.asleep:
+            self.wake_up()
+        payload = [(name, t.detach()) for name, t in named_tensors]
+        self.llm.collective_rpc(_load_weights_on_worker, args=(payload,))
+
+
+def _load_weights_on_worker(worker, payload) -> None:
+    worker.model_runner.model.load_weights(weights=payload)
+
+
+def run_rollout(
+    cfg: RolloutConfig,
+    *,
+    model_spec: str,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    model=None,
+    tokenizer=None,
+) -> dict:
+    """Rollout stage: completions for this shard's slice of `prepared_dir/train.jsonl` → `out_dir`.
+
+    Writes completions.jsonl (one Completion per item) and manifest.json; resumes from partial.jsonl.
+    """
+    from unisd.models import load_model, load_tokenizer
+
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    timer = Timer()
+    train_file = prepared_dir / "train.jsonl"
+    inputs_hash = hash_files([train_file], extra={"cfg": cfg.model_dump(), "model": model_spec})
+    if done := completed_manifest(out_dir, inputs_hash):
+        log.info("rollout shard %d/%d already complete in %s", cfg.shard_index, cfg.num_shards, out_dir)
+        return done
+    items = read_jsonl(train_file)
+    start, end = shard_range(len(items), cfg.num_shards, cfg.shard_index)
+    items = items[start:end]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / "partial.jsonl"
+    done_rows = {r["id"]: r for r in read_jsonl(partial)} if partial.exists() else {}
+    todo = [(start + i, it) for i, it in enumerate(items) if it["id"] not in done_rows]
+    backend = pick_backend(cfg.backend)
+    with timer("load"):
+        if tokenizer is None:
+            tokenizer = load_tokenizer(model_spec)
+        if backend == "vllm":
+            from unisd.models import resolve_model_path
+
+            engine = VLLMRollout(resolve_model_path(model_spec), cfg)
+        elif model is None:
+            model = load_model(model_spec)
+    log.info(
+        "rollout: backend=%s, %d items (%d already done) in shard %d/%d",
+        backend,
+        len(items),
+        len(done_rows),
+        cfg.shard_index,
+        cfg.num_shards,
+    )
+    with (
+        timer("generate"),
+        open(partial, "a") as sink,
+        tqdm(total=len(todo), desc="rollout", unit="item") as bar,
+    ):
+        for b in range(0, len(todo), cfg.batch_size):
+            chunk = todo[b : b + cfg.batch_size]
+            prompts = [it["student_prompt_ids"] for _, it in chunk]
+            first = chunk[0][0]
+            if backend == "vllm":
+                results = engine.generate(prompts, first_index=first)
+            else:
+                results = generate_hf(model, tokenizer, prompts, cfg, first_index=first)
+            for (_, it), (ids, finished, logps) in zip(chunk, results):
+                row = asdict(
+                    Completion(
+                        it["id"], ids, tokenizer.decode(ids, skip_special_tokens=True), finished, logps
+                    )
+                )
+                done_rows[it["id"]] = row
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()  # a killed rollout keeps every finished batch
+            bar.update(len(chunk))
+    rows = [done_rows[it["id"]] for it in items]
+    write_jsonl(out_dir / "completions.jsonl", rows)
+    partial.unlink(missing_ok=True)
+    n_tokens = sum(len(r["completion_ids"]) for r in rows)
+    counts = {
+        "items": len(rows),
+        "shard": [cfg.shard_index, cfg.num_shards],
+        "range": [start, end],
+        "completion_tokens": n_tokens,
+        "empty": sum(1 for r in rows if not r["completion_ids"]),
+        "no_eos": sum(1 for r in rows if not r["finished"]),
+        "tokens_per_s": round(n_tokens / max(timer.timings.get("generate", 0.0), 1e-9), 2),
+    }
+    return write_manifest(
+        out_dir,
+        stage="rollout",
+        config={**cfg.model_dump(), "model": model_spec, "backend": backend},
+        inputs_hash=inputs_hash,
+        counts=counts,
+        timings=timer.timings,
+    )
+
+
+def load_completions(dirs: Sequence[str | Path]) -> dict[str, dict]:
+    """Merge the completions of several rollout shard directories into {id: row}."""
+    merged: dict[str, dict] = {}
+    for d in dirs:
+        for row in read_jsonl(Path(d) / "completions.jsonl"):
+            if row["id"] in merged:
+                raise ValueError(f"{d}: item {row['id']} appears in two rollout shards")
+            merged[row["id"]] = row
+    return merged

@@ -1,0 +1,453 @@
+"""Multi-view scoring: sampled-token log-probs of each completion under the c*-teacher and K auxiliary views.
+
+For item i with completion y_i, view k scores ℓ^k_t = log π(y_t | a_k, x, y<t) at temperature 1 — only the
+sampled token's log-prob, so the views run as batched no-grad passes and never keep [K, B, T, V].
+
+Work saved relative to "one HF forward per view per item":
+- rows (item × view) are batched, sorted by length to waste little padding;
+- only completion positions go through the LM head, in chunks (HF computes logits at every position);
+- rows whose prompts share a long token prefix (induced and random contexts repeat across items) compute
+  that prefix's KV cache once and run only their suffixes against it;
+- adaptive budget: the primary teacher scores every completion first; only the fraction `budget` with the
+  highest uncertainty (mean teacher entropy, or student–teacher KL) gets the K-view re-scoring, the rest get
+  weight 1.
+
+Output per shard: `scores.safetensors` (flat per-token arrays + offsets), `ids.json`, `manifest.json`.
+The trainer recomputes the agreement weights per global training batch (the quantile is a batch statistic);
+the weights stored here use the shard as the batch and are for reports and inspection.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from unisd.artifacts import (
+    Timer,
+    atomic_path,
+    completed_manifest,
+    hash_files,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_manifest,
+)
+from unisd.config import StrictModel
+from unisd.rollout import load_completions, shard_range
+from unisd.sequences import (
+    build_teacher_forcing_batch,
+    completion_hidden,
+    decoder_of,
+    lm_head_of,
+    logit_softcap_of,
+    pad_ragged,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ScoringConfig(StrictModel):
+    batch_size: int = 8  # rows (item × view) per forward
+    chunk_size: int = 1024  # completion tokens per LM-head chunk
+    budget: float = 1.0  # fraction of completions that get the K-view re-scoring
+    uncertainty: Literal["teacher_entropy", "divergence"] = "teacher_entropy"
+    prefix_cache: bool = True
+    min_shared_prefix: int = 16  # tokens; shorter shared prefixes are not worth a separate pass
+    staleness_items: int = 16  # items per shard whose student log-probs are compared with the rollout's
+    num_shards: int = 1
+    shard_index: int = 0
+    # Weights written for inspection (the trainer recomputes them per batch from view_logps).
+    level: Literal["token", "sequence"] = "token"
+    stat: Literal["var", "range"] = "var"
+    gamma: float = 1.0
+    quantile: float = 0.95
+    cap: float = 10.0
+
+
+@torch.no_grad()
+def _head_stats(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    chunk_size: int,
+    softcap: float | None,
+    want_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[N, H] hidden, [V, H] head, [N] tokens → (log p(token) [N], entropy [N] or None), fp32, chunked."""
+    logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    ent = torch.empty_like(logps) if want_entropy else None
+    for s in range(0, hidden.shape[0], chunk_size):
+        logits = hidden[s : s + chunk_size].float() @ head_weight.float().T
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        logp = torch.log_softmax(logits, dim=-1)
+        logps[s : s + chunk_size] = logp.gather(1, tokens[s : s + chunk_size, None]).squeeze(1)
+        if ent is not None:
+            ent[s : s + chunk_size] = -(logp.exp() * logp).sum(-1)
+    return logps, ent
+
+
+def _score_rows_plain(
+    model,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    chunk_size: int,
+    want_entropy: bool = False,
+) -> list[tuple[list[float], list[float] | None]]:
+    """One padded forward over rows → per-row (sampled-token log-probs, entropies)."""
+    device = next(model.parameters()).device
+    batch = build_teacher_forcing_batch(prompts, completions, pad_id=pad_id).to(device)
+    hidden = completion_hidden(model, batch)
+    mask = batch.completion_mask
+    logps, ent = _head_stats(
+        hidden[mask],
+        lm_head_of(model).weight,
+        batch.completion_ids[mask],
+        chunk_size=chunk_size,
+        softcap=logit_softcap_of(model),
+        want_entropy=want_entropy,
+    )
+    lengths = mask.sum(1).tolist()
+    out, pos = [], 0
+    for n in lengths:
+        out.append((logps[pos : pos + n].tolist(), ent[pos : pos + n].tolist() if ent is not None else None))
+        pos += n
+    return out
+
+
+def _score_rows_with_prefix(
+    model,
+    prefix: Sequence[int],
+    suffixes: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    chunk_size: int,
+) -> list[list[float]]:
+    """Rows = prefix + suffix_i + completion_i: the prefix's KV cache is computed once and shared."""
+    device = next(model.parameters()).device
+    decoder = decoder_of(model)
+    prefix_ids = torch.tensor([list(prefix)], device=device)
+    prefix_out = decoder(input_ids=prefix_ids, use_cache=True)
+    batch = build_teacher_forcing_batch(suffixes, completions, pad_id=pad_id).to(device)
+    n_rows, p_len = len(suffixes), len(prefix)
+    cache = copy.deepcopy(prefix_out.past_key_values)
+    cache.batch_repeat_interleave(n_rows)
+    attention = torch.cat(
+        [torch.ones(n_rows, p_len, dtype=batch.attention_mask.dtype, device=device), batch.attention_mask],
+        dim=1,
+    )
+    positions = torch.arange(p_len, p_len + batch.input_ids.shape[1], device=device).expand(n_rows, -1)
+    hidden = decoder(
+        input_ids=batch.input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    index = batch.gather_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    comp_hidden = hidden.gather(1, index)
+    mask = batch.completion_mask
+    logps, _ = _head_stats(
+        comp_hidden[mask],
+        lm_head_of(model).weight,
+        batch.completion_ids[mask],
+        chunk_size=chunk_size,
+        softcap=logit_softcap_of(model),
+        want_entropy=False,
+    )
+    out, pos = [], 0
+    for n in mask.sum(1).tolist():
+        out.append(logps[pos : pos + n].tolist())
+        pos += n
+    return out
+
+
+def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        t = first[i]
+        if any(r[i] != t for r in rows):
+            return i
+    return n
+
+
+@torch.no_grad()
+def score_views(
+    model,
+    rows: Sequence[tuple[Sequence[int], Sequence[int], str | None]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    chunk_size: int,
+    prefix_cache: bool = True,
+    min_shared_prefix: int = 16,
+    progress: bool = True,
+) -> list[list[float]]:
+    """Sampled-token log-probs of many (prompt, completion, group key) rows, as fast as we can.
+
+    Rows with the same non-None group key (e.g. the id of a shared induced/random context) are scored
+    against one cached prefix when their prompts share ≥ `min_shared_prefix` tokens; the rest are batched
+    by length. Returns one list of log-probs per row, in input order.
+    """
+    results: list[list[float] | None] = [None] * len(rows)
+    groups: dict[str, list[int]] = defaultdict(list)
+    plain: list[int] = []
+    for i, (_, _, key) in enumerate(rows):
+        (groups[key] if prefix_cache and key is not None else plain).append(i)
+    for key, members in list(groups.items()):
+        if len(members) < 2:
+            plain.extend(members)
+            del groups[key]
+    bar = tqdm(total=len(rows), desc="scoring views", unit="row", disable=not progress)
+    for members in groups.values():
+        prompts = [rows[i][0] for i in members]
+        # Leave ≥1 prompt token in every suffix: it produces the hidden state predicting the first token.
+        p_len = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+        if p_len < min_shared_prefix:
+            plain.extend(members)
+            continue
+        members = sorted(members, key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+        for b in range(0, len(members), batch_size):
+            chunk = members[b : b + batch_size]
+            scored = _score_rows_with_prefix(
+                model,
+                rows[chunk[0]][0][:p_len],
+                [rows[i][0][p_len:] for i in chunk],
+                [rows[i][1] for i in chunk],
+                pad_id=pad_id,
+                chunk_size=chunk_size,
+            )
+            for i, lp in zip(chunk, scored):
+                results[i] = lp
+            bar.update(len(chunk))
+    plain.sort(key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    for b in range(0, len(plain), batch_size):
+        chunk = plain[b : b + batch_size]
+        scored = _score_rows_plain(
+            model,
+            [rows[i][0] for i in chunk],
+            [rows[i][1] for i in chunk],
+            pad_id=pad_id,
+            chunk_size=chunk_size,
+        )
+        for i, (lp, _) in zip(chunk, scored):
+            results[i] = lp
+        bar.update(len(chunk))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def select_for_budget(uncertainty: Sequence[float], budget: float) -> set[int]:
+    """Indices of the ceil(budget · n) most uncertain items (ties broken by index, deterministic)."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    n = len(uncertainty)
+    k = min(n, int(-(-budget * n // 1)))
+    order = sorted(range(n), key=lambda i: (-uncertainty[i], i))
+    return set(order[:k])
+
+
+def run_scoring(
+    cfg: ScoringConfig,
+    *,
+    model_spec: str,
+    prepared_dir: str | Path,
+    contexts_dir: str | Path,
+    rollout_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    model=None,
+    tokenizer=None,
+) -> dict:
+    """Scoring stage for one shard (index range over the rolled-out items)."""
+    from unisd.models import load_model, load_tokenizer
+    from unisd.reliability import agreement_weights
+
+    out_dir = Path(out_dir)
+    timer = Timer()
+    train_file = Path(prepared_dir) / "train.jsonl"
+    ctx_file = Path(contexts_dir) / "contexts.jsonl"
+    inputs_hash = hash_files(
+        [train_file, ctx_file, *[Path(d) / "completions.jsonl" for d in rollout_dirs]],
+        extra={"cfg": cfg.model_dump(), "model": model_spec},
+    )
+    if done := completed_manifest(out_dir, inputs_hash):
+        return done
+    prepared = {r["id"]: r for r in read_jsonl(train_file)}
+    contexts = {r["id"]: r for r in read_jsonl(ctx_file)}
+    completions = load_completions(rollout_dirs)
+    ids = sorted(i for i in completions if i in prepared)
+    start, end = shard_range(len(ids), cfg.num_shards, cfg.shard_index)
+    ids = ids[start:end]
+    with timer("load"):
+        tokenizer = tokenizer or load_tokenizer(model_spec)
+        model = model or load_model(model_spec)
+    pad_id = tokenizer.pad_token_id
+    ys = [completions[i]["completion_ids"] for i in ids]
+    scorable = [n for n, y in enumerate(ys) if len(y) > 0]
+
+    # 1) primary teacher (c*) on every completion: log-probs + entropy for the budget's uncertainty.
+    teacher_logps: list[list[float]] = [[] for _ in ids]
+    teacher_entropy: list[float] = [0.0 for _ in ids]
+    with timer("teacher"):
+        order = sorted(scorable, key=lambda n: len(prepared[ids[n]]["teacher_prompt_ids"]) + len(ys[n]))
+        for b in tqdm(range(0, len(order), cfg.batch_size), desc="scoring teacher", unit="batch"):
+            chunk = order[b : b + cfg.batch_size]
+            scored = _score_rows_plain(
+                model,
+                [prepared[ids[n]]["teacher_prompt_ids"] for n in chunk],
+                [ys[n] for n in chunk],
+                pad_id=pad_id,
+                chunk_size=cfg.chunk_size,
+                want_entropy=True,
+            )
+            for n, (lp, ent) in zip(chunk, scored):
+                teacher_logps[n] = lp
+                teacher_entropy[n] = sum(ent) / max(1, len(ent))
+
+    # 2) uncertainty → which completions get the K views.
+    uncertainty = teacher_entropy
+    student_logps: dict[int, list[float]] = {}
+    if cfg.uncertainty == "divergence" or cfg.staleness_items:
+        need = scorable if cfg.uncertainty == "divergence" else scorable[: cfg.staleness_items]
+        with timer("student"):
+            for b in range(0, len(need), cfg.batch_size):
+                chunk = need[b : b + cfg.batch_size]
+                scored = _score_rows_plain(
+                    model,
+                    [prepared[ids[n]]["student_prompt_ids"] for n in chunk],
+                    [ys[n] for n in chunk],
+                    pad_id=pad_id,
+                    chunk_size=cfg.chunk_size,
+                )
+                for n, (lp, _) in zip(chunk, scored):
+                    student_logps[n] = lp
+    if cfg.uncertainty == "divergence":
+        # Sampled-token estimate of KL(student ‖ teacher) on y ~ student: mean_t (log p^S − log p^T).
+        uncertainty = [
+            sum(s - t for s, t in zip(student_logps.get(n, []), teacher_logps[n])) / max(1, len(ys[n]))
+            for n in range(len(ids))
+        ]
+    chosen = select_for_budget([uncertainty[n] for n in scorable], cfg.budget) if scorable else set()
+    chosen_items = [scorable[j] for j in sorted(chosen)]
+
+    # 3) K views on the chosen completions, in one pool of rows.
+    rows, owners = [], []
+    for n in chosen_items:
+        for k, view in enumerate(contexts[ids[n]]["views"]):
+            rows.append((view["prompt_ids"], ys[n], view.get("context_id")))
+            owners.append((n, k))
+    num_views = len(contexts[ids[0]]["views"]) if ids else 0
+    view_logps: dict[int, list[list[float]]] = {n: [[] for _ in range(num_views)] for n in chosen_items}
+    with timer("views"):
+        scored_rows = score_views(
+            model,
+            rows,
+            pad_id=pad_id,
+            batch_size=cfg.batch_size,
+            chunk_size=cfg.chunk_size,
+            prefix_cache=cfg.prefix_cache,
+            min_shared_prefix=cfg.min_shared_prefix,
+        )
+    for (n, k), lp in zip(owners, scored_rows):
+        view_logps[n][k] = lp
+
+    # 4) flat per-token arrays (+ offsets) → safetensors; weights over the shard for inspection.
+    lengths = [len(y) for y in ys]
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.long)
+    total = int(offsets[-1])
+    flat_views = torch.zeros(num_views, total)
+    has_views = torch.zeros(len(ids), dtype=torch.bool)
+    for n, per_view in view_logps.items():
+        has_views[n] = True
+        for k in range(num_views):
+            flat_views[k, offsets[n] : offsets[n + 1]] = torch.tensor(per_view[k])
+    weights = torch.ones(total)
+    if chosen_items and num_views >= 2:
+        chosen_t = torch.tensor(chosen_items)
+        t_max = max(lengths[n] for n in chosen_items)
+        mask = pad_ragged([[1.0] * lengths[n] for n in chosen_items], length=t_max).bool()
+        stacked = torch.stack(
+            [pad_ragged([view_logps[n][k] for n in chosen_items], length=t_max) for k in range(num_views)]
+        )
+        w = agreement_weights(
+            stacked,
+            mask,
+            level=cfg.level,
+            stat=cfg.stat,
+            gamma=cfg.gamma,
+            quantile=cfg.quantile,
+            cap=cfg.cap,
+            faithful=True,
+        )
+        for j, n in enumerate(chosen_t.tolist()):
+            weights[offsets[n] : offsets[n + 1]] = w[j, : lengths[n]]
+    tensors = {
+        "offsets": offsets,
+        "teacher_logps": torch.tensor([v for lp in teacher_logps for v in lp], dtype=torch.float32).reshape(
+            -1
+        ),
+        "view_logps": flat_views.contiguous(),
+        "has_views": has_views,
+        "weights": weights,
+        "uncertainty": torch.tensor(uncertainty, dtype=torch.float32),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "scores.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json(out_dir / "ids.json", ids)
+    staleness = [
+        abs(a - b)
+        for n, lp in student_logps.items()
+        for a, b in zip(completions[ids[n]].get("logps", []), lp)
+    ]
+    counts = {
+        "items": len(ids),
+        "empty_completions": len(ids) - len(scorable),
+        "scored_views": len(chosen_items),
+        "num_views": num_views,
+        "view_rows": len(rows),
+        "budget": cfg.budget,
+        "staleness_mean_abs_logp": (sum(staleness) / len(staleness)) if staleness else None,
+        "weight_min": float(weights.min()) if total else None,
+        "weight_mean": float(weights.mean()) if total else None,
+        "weight_max": float(weights.max()) if total else None,
+    }
+    return write_manifest(
+        out_dir,
+        stage="score",
+        config={**cfg.model_dump(), "model": model_spec},
+        inputs_hash=inputs_hash,
+        counts=counts,
+        timings=timer.timings,
+    )
+
+
+def load_scores(dirs: Sequence[str | Path]) -> dict[str, dict[str, torch.Tensor]]:
+    """Merge scoring shards into {id: {"view_logps": [K, T] or None, "weights": [T], "teacher_logps": [T]}}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for d in dirs:
+        d = Path(d)
+        tensors = load_file(str(d / "scores.safetensors"))
+        ids = read_json(d / "ids.json")
+        off = tensors["offsets"].tolist()
+        for n, item_id in enumerate(ids):
+            a, b = off[n], off[n + 1]
+            out[item_id] = {
+                "view_logps": tensors["view_logps"][:, a:b] if bool(tensors["has_views"][n]) else None,
+                "weights": tensors["weights"][a:b],
+                "teacher_logps": tensors["teacher_logps"][a:b],
+            }
+    return out
