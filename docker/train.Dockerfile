@@ -1,0 +1,71 @@
+# unisd training image: CUDA PyTorch 2.13.0 + DeepSpeed 0.19.8 + unisd, kfp and the MLflow client.
+# Runs the KFP steps that train or score on GPUs (components/ with base_image=unisd.images.image("train")).
+#
+# Build from the repository root (the build context must be the repo, see .dockerignore):
+#   docker build -f docker/train.Dockerfile -t ghcr.io/unisd/unisd-train:0.1.0 .
+#
+# Base: pinned by tag. To pin by digest, look it up where you can reach the registry
+# (`docker buildx imagetools inspect nvidia/cuda:13.0.0-base-ubuntu24.04`) and pass
+# --build-arg CUDA_BASE=nvidia/cuda:13.0.0-base-ubuntu24.04@sha256:<digest>.
+# The "base" flavour is enough: the torch 2.13.0 wheel on PyPI is a CUDA 13 build that brings its own
+# cuDNN/cuBLAS/NCCL as nvidia-*-cu13 wheels; the node only needs an NVIDIA driver that supports CUDA 13.
+ARG CUDA_BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
+FROM ${CUDA_BASE}
+
+ARG UNISD_VERSION=0.1.0
+LABEL org.opencontainers.image.title="unisd-train" \
+      org.opencontainers.image.description="unisd training/scoring image (PyTorch 2.13.0, DeepSpeed 0.19.8)" \
+      org.opencontainers.image.version="${UNISD_VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH}
+
+# python3 is 3.12 on Ubuntu 24.04. gcc/g++/python3-dev: Triton (torch.compile) and DeepSpeed's CPU ops
+# compile small C/C++ extensions at run time. apt versions follow the pinned base image's release.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        ca-certificates python3 python3-venv python3-dev gcc g++ ninja-build \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv "${VIRTUAL_ENV}"
+
+# torch first and alone: every later install must see it, or pip pulls a different build.
+RUN pip install torch==2.13.0 setuptools==84.2.1 wheel==0.48.0
+
+# DeepSpeed is an sdist whose setup imports torch, hence --no-build-isolation. DS_BUILD_OPS=0: no
+# ahead-of-time CUDA ops (there is no nvcc in this image); ZeRO with torch optimizers needs none.
+RUN DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8
+
+WORKDIR /opt/unisd
+# The package first (changes less often than components/pipelines/configs: better layer reuse).
+COPY pyproject.toml README.md ./
+COPY src/ src/
+# kfp, kfp-kubernetes and the MLflow client are already dependencies of the package; pinning them here
+# again makes the build fail loudly if pyproject.toml and the images drift apart.
+RUN pip install ".[deepspeed]" kfp==2.17.0 kfp-kubernetes==2.17.0 mlflow-skinny==3.17.2 \
+    && pip check
+
+COPY components/ components/
+COPY pipelines/ pipelines/
+COPY configs/ configs/
+
+# Non-root, fixed uid (the manifests set runAsUser: 10001). Code stays root-owned and read-only.
+# HF_HOME and the compile caches live on the mounted cache volume (the unisd-cache PVC at /cache).
+RUN groupadd --gid 10001 unisd \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin unisd \
+    && mkdir -p /cache \
+    && chown 10001:10001 /cache
+ENV HOME=/tmp \
+    PYTHONPATH=/opt/unisd \
+    HF_HOME=/cache/hf \
+    TORCH_EXTENSIONS_DIR=/cache/torch_extensions \
+    TRITON_CACHE_DIR=/cache/triton \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    MLFLOW_DISABLE_TELEMETRY=true
+USER 10001:10001
+
+CMD ["unisd", "--help"]
