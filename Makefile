@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint sysdeps venv clean-venv bench
+.PHONY: demo test lint sysdeps chromium venv clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ venv: $(VENV)/.core
 
 # bubblewrap is the strongest sandbox backend; install it when we can (root + apt), else the sandbox falls
 # back to unshare/rlimits and says so in every eval result.
+# chromium renders the run report in a test (headless screenshot); tests skip that one without it.
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) \
+	    || echo "WARNING: could not install chromium; the report screenshot test will skip"; \
+	fi
+
 sysdeps:
 	@if ! command -v bwrap >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -44,9 +51,9 @@ sysdeps:
 	fi
 
 demo: $(VENV)/.core sysdeps
-	$(VENV)/bin/unisd demo
+	$(VENV)/bin/unisd run --config configs/demo.yaml
 
-test: $(VENV)/.test sysdeps
+test: $(VENV)/.test sysdeps chromium
 	@set -o pipefail; rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -117,14 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_stage_commands() -> None:
-    """Stage subcommands live in unisd.commands so this file stays a dispatcher."""
+    """Stage subcommands live in unisd.commands; the KFP ones (compile/run/submit/schedule) in the project's
+    `pipelines` package next to src/ (so the library never imports kfp). The repo root goes on sys.path
+    for that; without a checkout (a plain wheel), the KFP commands are simply absent."""
     import importlib
+    from pathlib import Path
 
-    for module in ("unisd.commands",):
+    root = Path(os.environ.get("UNISD_PROJECT_ROOT", Path(__file__).resolve().parents[2]))
+    if (root / "pipelines" / "cli.py").exists() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    for module in ("unisd.commands", "pipelines.cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
-            if err.name != module:
+            if err.name not in (module, "pipelines"):
                 raise
 
 

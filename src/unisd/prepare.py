@@ -10,9 +10,16 @@ import logging
 import random
 from pathlib import Path
 
-from unisd.artifacts import Timer, completed_manifest, hash_files, write_jsonl, write_manifest, write_text
+from unisd.artifacts import Timer, hash_files, write_jsonl, write_manifest, write_text
 from unisd.config import StrictModel
-from unisd.data import encode_prompt, load_benchmark, resolve_data_dir, student_messages, teacher_messages
+from unisd.data import (
+    available_splits,
+    encode_prompt,
+    load_benchmark,
+    resolve_data_dir,
+    student_messages,
+    teacher_messages,
+)
 from unisd.data.records import BENCHMARKS, Record
 
 log = logging.getLogger(__name__)
@@ -21,7 +28,7 @@ log = logging.getLogger(__name__)
 class PrepareConfig(StrictModel):
     benchmarks: list[str] = ["mbpp"]
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str = "auto"  # "test" where it has labels, else "validation" (CommonsenseQA)
     train_limit: int | None = None  # per benchmark; a seeded sample when set
     eval_limit: int | None = None
     max_prompt_tokens: int = 3072
@@ -33,6 +40,12 @@ class PrepareConfig(StrictModel):
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
         if unknown:
             raise ValueError(f"unknown benchmark(s) {unknown}; expected some of {list(BENCHMARKS)}")
+
+
+def eval_split_for(name: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "test" if "test" in available_splits(name) else "validation"
 
 
 def _sample(records: list[Record], limit: int | None, seed: int) -> list[Record]:
@@ -48,9 +61,7 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
     out_dir = Path(out_dir)
     timer = Timer()
     data_dir = resolve_data_dir(cfg.data_dir)
-    inputs_hash = hash_files([], extra={"cfg": cfg.model_dump(), "model": model_spec, "data": str(data_dir)})
-    if done := completed_manifest(out_dir, inputs_hash):
-        return done
+    # Prep is cheap, so it always runs; the data hash (over every record used) is MLflow lineage.
     tokenizer = tokenizer or load_tokenizer(model_spec)
     train_rows, dropped, eval_counts = [], [], {}
     with timer("prepare"):
@@ -59,7 +70,9 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
                 load_benchmark(name, cfg.train_split, data_dir=data_dir), cfg.train_limit, cfg.seed
             )
             held_out = _sample(
-                load_benchmark(name, cfg.eval_split, data_dir=data_dir), cfg.eval_limit, cfg.seed
+                load_benchmark(name, eval_split_for(name, cfg.eval_split), data_dir=data_dir),
+                cfg.eval_limit,
+                cfg.seed,
             )
             overlap = {r.id for r in train} & {r.id for r in held_out}
             if overlap:
@@ -94,6 +107,7 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
             f"no training items left after the length limits ({len(dropped)} dropped); see report"
         )
     write_jsonl(out_dir / "train.jsonl", train_rows)
+    data_hash = hash_files(sorted([out_dir / "train.jsonl", *(out_dir / "eval").glob("*.jsonl")]))
     write_jsonl(out_dir / "dropped.jsonl", dropped)
     report = [
         "# Data prep",
@@ -111,13 +125,13 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
         *[f"- {d['id']}: {'; '.join(d['reasons'])}" for d in dropped[:50]],
     ]
     write_text(out_dir / "report.md", "\n".join(report) + "\n")
-    counts = {"train": len(train_rows), "dropped": len(dropped), "eval": eval_counts}
+    counts = {"train": len(train_rows), "dropped": len(dropped), "eval": eval_counts, "data_hash": data_hash}
     log.info("prepare: %s", counts)
     return write_manifest(
         out_dir,
         stage="prepare",
         config={**cfg.model_dump(), "model": model_spec},
-        inputs_hash=inputs_hash,
+        inputs_hash=data_hash,
         counts=counts,
         timings=timer.timings,
     )

@@ -1,8 +1,9 @@
 """On-policy rollout: the student writes one completion per training prompt.
 
 Two backends behind one interface:
-- `hf`: batched `model.generate` (left padding, per-batch seeds derived from the item index so a shard
-  produces the same completions wherever it runs), truncation after the first EOS.
+- `hf`: batched `model.generate` (left padding, a per-batch seed derived from the batch's first item
+  index, so a shard with the same layout and batch size reproduces its completions), truncation after the
+  first EOS.
 - `vllm`: `vllm.LLM` with token-ID prompts, `SamplingParams(seed=…)`, sleep level 1 / wake up around
   training, weight sync from the trainer once per optimizer step. vLLM is CUDA-only and pins its own torch,
   so it lives in its own image (docker/rollout.Dockerfile); `auto` picks it when importable and a GPU exists.
@@ -108,8 +109,8 @@ def generate_hf(
 ) -> list[tuple[list[int], bool, list[float]]]:
     """Generate one completion per prompt with HF `generate` (one batch; left padding).
 
-    The sampling seed is `cfg.seed + first_index`, so the same items give the same completions whatever the
-    sharding. Returns (completion ids truncated after the first EOS, finished, sampled-token log-probs).
+    The sampling seed is `cfg.seed + first_index` (reproducible for the same shard layout and batch size).
+    Returns (completion ids truncated after the first EOS, finished, sampled-token log-probs).
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id

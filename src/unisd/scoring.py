@@ -64,12 +64,6 @@ class ScoringConfig(StrictModel):
     staleness_items: int = 16  # items per shard whose student log-probs are compared with the rollout's
     num_shards: int = 1
     shard_index: int = 0
-    # Weights written for inspection (the trainer recomputes them per batch from view_logps).
-    level: Literal["token", "sequence"] = "token"
-    stat: Literal["var", "range"] = "var"
-    gamma: float = 1.0
-    quantile: float = 0.95
-    cap: float = 10.0
 
 
 @torch.no_grad()
@@ -268,10 +262,15 @@ def run_scoring(
     contexts_dir: str | Path,
     rollout_dirs: Sequence[str | Path],
     out_dir: str | Path,
+    objective=None,
     model=None,
     tokenizer=None,
 ) -> dict:
-    """Scoring stage for one shard (index range over the rolled-out items)."""
+    """Scoring stage for one shard (index range over the rolled-out items).
+
+    `objective` (an ObjectiveConfig; default: the `sd` preset's agreement settings with token level)
+    sets how the inspection weights are computed; the trainer recomputes them per batch anyway.
+    """
     from unisd.models import load_model, load_tokenizer
     from unisd.reliability import agreement_weights
 
@@ -382,15 +381,19 @@ def run_scoring(
         stacked = torch.stack(
             [pad_ragged([view_logps[n][k] for n in chosen_items], length=t_max) for k in range(num_views)]
         )
+        from unisd.objective import ObjectiveConfig
+
+        if objective is None or objective.agreement == "none":
+            objective = ObjectiveConfig(agreement="token")
         w = agreement_weights(
             stacked,
             mask,
-            level=cfg.level,
-            stat=cfg.stat,
-            gamma=cfg.gamma,
-            quantile=cfg.quantile,
-            cap=cfg.cap,
-            faithful=True,
+            level=objective.agreement,
+            stat=objective.agreement_stat,
+            gamma=objective.agreement_gamma,
+            quantile=objective.agreement_quantile,
+            cap=objective.agreement_cap,
+            faithful=True,  # the shard is the batch here: these weights are for inspection only
         )
         for j, n in enumerate(chosen_t.tolist()):
             weights[offsets[n] : offsets[n + 1]] = w[j, : lengths[n]]

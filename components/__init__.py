@@ -1,0 +1,1 @@
+"""Thin KFP components, one per stage: unpack artifacts, call `unisd.pipeline_steps`."""

@@ -1,0 +1,272 @@
+"""One lightweight KFP component per stage.
+
+Each runs in the project image (tag = package version), imports `unisd` inside its body and calls one
+function of `unisd.pipeline_steps` with its artifact paths — no logic lives here. `install_kfp_package=False`
+and no `packages_to_install`: the image already has kfp and unisd, and local runs use the current env.
+KFP parses these signatures at import time: keep `typing.List` / `Optional` (its parser's forms) and no
+`from __future__ import annotations`.
+"""
+
+from typing import List, NamedTuple, Optional
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+
+from unisd.images import image
+
+TRAIN_IMAGE = image("train")
+ROLLOUT_IMAGE = image("rollout")
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def resolve_config_op(
+    config_yaml: str,
+    model: str,
+    preset: str,
+    benchmarks: list,
+    num_shards: int,
+    budget: float,
+    max_new_tokens: int,
+    lora: bool,
+    mlflow_tracking_uri: str,
+    registered_model: str,
+    promotion_margin: float,
+    extra_overrides: list,
+) -> NamedTuple("Resolved", config=str):
+    """Merge the run parameters set in the UI into the run config; validate it."""
+    from collections import namedtuple
+
+    from unisd.pipeline_steps import resolve_config, ui_overrides
+
+    resolved = resolve_config(
+        config_yaml,
+        ui_overrides(
+            model=model,
+            preset=preset,
+            benchmarks=benchmarks,
+            num_shards=num_shards,
+            budget=budget,
+            max_new_tokens=max_new_tokens,
+            lora=lora,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            registered_model=registered_model,
+            promotion_margin=promotion_margin,
+            extra=extra_overrides,
+        ),
+    )
+    return namedtuple("Resolved", ["config"])(resolved)
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def start_tracking_op(config: str, pipeline_run: str) -> NamedTuple("Tracking", run_id=str):
+    """Open the MLflow run every later step logs to; returns its run id."""
+    from collections import namedtuple
+
+    from unisd import tracking
+    from unisd.pipeline_steps import parse_config
+
+    cfg = parse_config(config)
+    run_id = tracking.start_run(
+        cfg.tracking,
+        run_name=f"unisd-{cfg.preset}",
+        tags={"pipeline_run_id": pipeline_run},
+        params={"model": cfg.model, "preset": cfg.preset},
+    )
+    tracking.log_config(cfg.tracking, run_id, config)
+    return namedtuple("Tracking", ["run_id"])(run_id)
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def prepare_op(config: str, prepared: Output[Dataset]):
+    """Benchmarks → training records (student/teacher prompts) and held-out eval records."""
+    from unisd.pipeline_steps import prepare
+
+    prepared.metadata.update(prepare(config, prepared.path)["counts"])
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def contexts_op(config: str, prepared: Input[Dataset], contexts: Output[Dataset]):
+    """K auxiliary contexts (random / retrieval / induced) and negative demonstrations per item."""
+    from unisd.pipeline_steps import contexts as run
+
+    contexts.metadata.update(run(config, prepared.path, contexts.path).get("counts", {}))
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def shard_indices_op(num_shards: int) -> NamedTuple("Shards", shards=list):
+    """[0, …, num_shards − 1]: the fan-out of rollout and scoring."""
+    from collections import namedtuple
+
+    from unisd.pipeline_steps import shard_indices
+
+    return namedtuple("Shards", ["shards"])(shard_indices(int(num_shards)))
+
+
+@dsl.component(base_image=ROLLOUT_IMAGE, install_kfp_package=False)
+def rollout_op(
+    config: str,
+    prepared: Input[Dataset],
+    shard: int,
+    num_shards: int,
+    rollout: Output[Dataset],
+    student: Optional[Input[Model]] = None,
+):
+    """On-policy completions of one shard (vLLM on GPU, HF generate otherwise)."""
+    from unisd.pipeline_steps import rollout as run
+
+    manifest = run(
+        config,
+        prepared.path,
+        rollout.path,
+        int(shard),
+        int(num_shards),
+        student.path if student is not None else None,
+    )
+    rollout.metadata.update(manifest["counts"])
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def merge_shards_op(parts: Input[List[Dataset]], filenames: list, merged: Output[Dataset]) -> int:
+    """Gather the shards of a fan-out into one artifact."""
+    from unisd.pipeline_steps import merge_shards
+
+    return merge_shards([p.path for p in parts], merged.path, [str(f) for f in filenames])
+
+
+@dsl.component(base_image=ROLLOUT_IMAGE, install_kfp_package=False)
+def score_op(
+    config: str,
+    prepared: Input[Dataset],
+    contexts: Input[Dataset],
+    rollouts: Input[Dataset],
+    shard: int,
+    num_shards: int,
+    scores: Output[Dataset],
+    student: Optional[Input[Model]] = None,
+):
+    """K-view sampled-token log-probs and agreement weights for one shard (adaptive budget)."""
+    from unisd.pipeline_steps import score
+
+    manifest = score(
+        config,
+        prepared.path,
+        contexts.path,
+        rollouts.path,
+        scores.path,
+        int(shard),
+        int(num_shards),
+        student.path if student is not None else None,
+    )
+    scores.metadata.update(manifest.get("counts", {}))
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def train_op(
+    config: str,
+    prepared: Input[Dataset],
+    contexts: Input[Dataset],
+    rollouts: Input[Dataset],
+    scores: Input[Dataset],
+    run_id: str,
+    round_index: int,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    previous: Optional[Input[Model]] = None,
+):
+    """Distillation training (UniSD objective); checkpoints, resumes; logs every loss term to MLflow."""
+    from unisd.pipeline_steps import train
+
+    manifest = train(
+        config,
+        prepared.path,
+        contexts.path,
+        rollouts.path,
+        scores.path,
+        model.path,
+        run_id,
+        int(round_index),
+        previous.path if previous is not None else None,
+    )
+    final = manifest["counts"].get("final", {})
+    for key in ("loss", "kd_loss", "cl_loss", "fm_loss"):
+        if key in final:
+            metrics.log_metric(key, float(final[key]))
+    model.metadata.update({"steps": manifest["counts"]["steps"], "round": int(round_index)})
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def eval_op(
+    config: str,
+    prepared: Input[Dataset],
+    benchmark: str,
+    results: Output[Dataset],
+    metrics: Output[Metrics],
+    model: Optional[Input[Model]] = None,
+):
+    """One benchmark: sandboxed execution / letter accuracy / call match, retention, reference fit."""
+    from unisd.pipeline_steps import evaluate
+
+    aggregate = evaluate(
+        config, prepared.path, benchmark, results.path, model.path if model is not None else None
+    )
+    for key, value in aggregate.items():
+        if isinstance(value, int | float):
+            metrics.log_metric(f"{aggregate['role']}_{key}", float(value))
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def register_op(
+    config: str,
+    run_id: str,
+    model: Input[Model],
+    evals: Input[List[Dataset]],
+    base_evals: Input[List[Dataset]],
+    prepared: Input[Dataset],
+    pipeline_run: str,
+) -> NamedTuple("Gate", version=str, promote=bool, decision=str):
+    """Register the student in MLflow (alias `challenger`) and decide promotion (paired bootstrap)."""
+    import json
+    from collections import namedtuple
+
+    from unisd.pipeline_steps import register_and_gate
+
+    decision = register_and_gate(
+        config, run_id, model.path, [e.path for e in [*evals, *base_evals]], prepared.path, pipeline_run
+    )
+    gate = namedtuple("Gate", ["version", "promote", "decision"])
+    return gate(str(decision["version"]), bool(decision["promote"]), json.dumps(decision, default=str))
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def promote_op(config: str, version: str):
+    """Move the `champion` alias to this version."""
+    from unisd.pipeline_steps import promote
+
+    promote(config, version)
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def report_op(
+    config: str,
+    run_id: str,
+    model: Input[Model],
+    scores: Input[Dataset],
+    evals: Input[List[Dataset]],
+    base_evals: Input[List[Dataset]],
+    decision: str,
+    html: Output[HTML],
+    markdown: Output[Markdown],
+):
+    """HTML report with plots (loss terms, reliability weights, base vs adapted with CIs, retention)."""
+    from unisd.pipeline_steps import report
+
+    report(
+        config,
+        run_id,
+        model.path,
+        scores.path,
+        [e.path for e in [*evals, *base_evals]],
+        decision,
+        html.path,
+        markdown.path,
+    )

@@ -1,0 +1,305 @@
+"""The UniSD pipeline (KFP v2): wiring only (no `from __future__ import annotations`: KFP reads the
+parameter annotations at definition time).
+
+    resolve config → start MLflow run → prepare → contexts (+ negatives)
+      → R rounds of { rollout ×shards (ParallelFor) → merge → score ×shards (ParallelFor) → merge → train }
+      → eval per benchmark, base and adapted (ParallelFor) → register (alias challenger) → If(gate): promote
+      → report (HTML + Markdown)
+
+Rounds are unrolled at compile time (`build_pipeline(rounds=R)`); everything else is a run parameter the
+user sets in the Kubeflow UI. Cluster settings (GPU requests, node selectors, tolerations, shm, timeouts,
+retries, secrets, the sandbox pod label) are applied at compile time with `cluster=True`; `kfp.local`
+ignores them, and `unisd run` compiles with `cluster=False` (kubernetes.CreatePVC etc. can't run locally).
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from kfp import dsl
+
+from components.stages import (
+    contexts_op,
+    eval_op,
+    merge_shards_op,
+    prepare_op,
+    promote_op,
+    register_op,
+    report_op,
+    resolve_config_op,
+    rollout_op,
+    score_op,
+    shard_indices_op,
+    start_tracking_op,
+    train_op,
+)
+
+PIPELINE_NAME = "unisd-self-distillation"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# manifests/base/networkpolicy*.yaml: `unisd.ai/sandbox` denies all traffic; `unisd.ai/sandbox-kfp-launcher`
+# then re-allows only what the KFP launcher inside the pod needs (DNS, KFP API, ML Metadata, the artifact
+# store) — model-written code still reaches no internet and no MLflow.
+SANDBOX_LABELS = {"unisd.ai/sandbox": "true", "unisd.ai/sandbox-kfp-launcher": "true"}
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Compile-time cluster settings: the `unisd-pipeline-settings` ConfigMap's UNISD_* keys (manifests/,
+    charts/), read from the environment (the Helm upload Job gets them via envFrom)."""
+
+    gpu_resource: str = "nvidia.com/gpu"
+    gpu_count: int = 1
+    gpu_node_selector: dict = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    gpu_tolerations: list = field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    cache_pvc: str = "unisd-cache"
+    cache_mount_path: str = "/cache"
+    mlflow_tracking_uri: str = "http://unisd-mlflow.unisd.svc.cluster.local:5000"
+    sandbox_labels: dict = field(default_factory=lambda: dict(SANDBOX_LABELS))
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "ClusterSettings":
+        default = cls()
+
+        def js(key, fallback):
+            raw = env.get(key, "")
+            value = json.loads(raw) if raw.strip() else None
+            return value if value else fallback  # an empty {} / [] in the ConfigMap keeps our default
+
+        return cls(
+            gpu_resource=env.get("UNISD_GPU_RESOURCE") or default.gpu_resource,
+            gpu_count=int(env.get("UNISD_GPU_COUNT") or default.gpu_count),
+            gpu_node_selector=js("UNISD_GPU_NODE_SELECTOR", default.gpu_node_selector),
+            gpu_tolerations=js("UNISD_GPU_TOLERATIONS", default.gpu_tolerations),
+            cache_pvc=env.get("UNISD_CACHE_PVC") or default.cache_pvc,
+            cache_mount_path=env.get("UNISD_CACHE_MOUNT_PATH") or default.cache_mount_path,
+            mlflow_tracking_uri=env.get("UNISD_MLFLOW_TRACKING_URI") or default.mlflow_tracking_uri,
+            sandbox_labels=js("UNISD_SANDBOX_POD_LABELS", default.sandbox_labels),
+        )
+
+
+def _gpu(task, settings: ClusterSettings | None, *, timeout_s: int = 6 * 3600):
+    """GPU request + node selector + tolerations + shm + model cache + timeout + retries (cluster only)."""
+    if settings is None:
+        return task
+    from kfp import kubernetes
+
+    task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(settings.gpu_count)
+    task.set_cpu_request("4").set_memory_request("32G").set_memory_limit("64G")
+    for key, value in settings.gpu_node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in settings.gpu_tolerations:
+        kubernetes.add_toleration(
+            task,
+            key=tol.get("key"),
+            operator=tol.get("operator", "Equal"),
+            value=tol.get("value"),
+            effect=tol.get("effect"),
+        )
+    kubernetes.empty_dir_mount(
+        task, volume_name="shm", mount_path="/dev/shm", medium="Memory", size_limit="16Gi"
+    )
+    kubernetes.mount_pvc(task, pvc_name=settings.cache_pvc, mount_path=settings.cache_mount_path)
+    task.set_env_variable("HF_HOME", f"{settings.cache_mount_path}/hf")
+    task.set_env_variable("UNISD_CACHE_DIR", f"{settings.cache_mount_path}/unisd")
+    kubernetes.set_timeout(task, timeout_s)
+    task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
+    return _secrets(task, settings)
+
+
+def _secrets(task, settings: ClusterSettings | None):
+    """MLflow credentials from a Kubernetes secret (optional: a server without auth needs none). Artifacts
+    go through the MLflow server (--artifacts-destination), so pipeline pods need no S3 credentials."""
+    if settings is None:
+        return task
+    from kfp import kubernetes
+
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name="unisd-mlflow-auth",
+        secret_key_to_env={"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
+        optional=True,
+    )
+    return task
+
+
+def _cpu(task, settings: ClusterSettings | None, *, cpu: str = "2", memory: str = "8G"):
+    if settings is not None:
+        task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+        task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+        _secrets(task, settings)
+    return task
+
+
+def _sandboxed(task, settings: ClusterSettings | None):
+    """The eval step executes model-written code: label its pod so the NetworkPolicy denies egress."""
+    if settings is not None:
+        from kfp import kubernetes
+
+        for key, value in settings.sandbox_labels.items():
+            kubernetes.add_pod_label(task, label_key=key, label_value=value)
+    return task
+
+
+def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | Path = DEFAULT_CONFIG):
+    """The pipeline function, with `rounds` unrolled and cluster settings on or off."""
+    cluster = ClusterSettings.from_env() if cluster else None
+    default_tracking_uri = cluster.mlflow_tracking_uri if cluster else "sqlite:///mlflow.db"
+    # One line of JSON (which is YAML): KFP copies parameter defaults into a comment header of the IR
+    # file, and a multi-line default there makes the whole file invalid YAML.
+    default_config = json.dumps(yaml.safe_load(Path(config_path).read_text()))
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Reliability-aware self-distillation (UniSD) with MLflow tracking and gated promotion.",
+    )
+    def unisd_pipeline(
+        config_yaml: str = default_config,
+        model: str = "smollm2-135m-instruct",
+        preset: str = "unisd_star",
+        benchmarks: list = ["mbpp", "commonsenseqa"],  # noqa: B006 (KFP parameter default)
+        num_shards: int = 2,
+        budget: float = 1.0,
+        max_new_tokens: int = 256,
+        lora: bool = True,
+        mlflow_tracking_uri: str = default_tracking_uri,
+        registered_model: str = "unisd-student",
+        promotion_margin: float = 0.0,
+        extra_overrides: list = [],  # noqa: B006 (KFP parameter default): more key.sub=value strings
+    ):
+        # The UI parameters are runtime values: the config op merges them into the YAML (one place).
+        resolved = resolve_config_op(
+            config_yaml=config_yaml,
+            model=model,
+            preset=preset,
+            benchmarks=benchmarks,
+            num_shards=num_shards,
+            budget=budget,
+            max_new_tokens=max_new_tokens,
+            lora=lora,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            registered_model=registered_model,
+            promotion_margin=promotion_margin,
+            extra_overrides=extra_overrides,
+        ).set_display_name("Resolve config")
+        config = resolved.outputs["config"]
+        run = _cpu(start_tracking_op(config=config, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), cluster)
+        run.set_display_name("Start MLflow run")
+        prep = _cpu(prepare_op(config=config), cluster).set_display_name("Prepare data")
+        ctx = _gpu(contexts_op(config=config, prepared=prep.outputs["prepared"]), cluster)
+        ctx.set_display_name("Auxiliary contexts + negatives")
+        shards = shard_indices_op(num_shards=num_shards).set_display_name("Shards")
+
+        student = None
+        last_scores = None
+        for r in range(rounds):
+            # Round 0 samples from the base model: the optional `student` input is left out, not None.
+            from_student = {"student": student} if student is not None else {}
+            with dsl.ParallelFor(shards.outputs["shards"], name=f"rollout-round-{r}") as shard:
+                roll = _gpu(
+                    rollout_op(
+                        config=config,
+                        prepared=prep.outputs["prepared"],
+                        shard=shard,
+                        num_shards=num_shards,
+                        **from_student,
+                    ),
+                    cluster,
+                )
+                roll.set_display_name(f"Rollout (round {r})")
+            rollouts = merge_shards_op(
+                parts=dsl.Collected(roll.outputs["rollout"]), filenames=["completions.jsonl"]
+            )
+            _cpu(rollouts, cluster).set_display_name(f"Gather rollouts (round {r})")
+            with dsl.ParallelFor(shards.outputs["shards"], name=f"score-round-{r}") as shard:
+                sc = _gpu(
+                    score_op(
+                        config=config,
+                        prepared=prep.outputs["prepared"],
+                        contexts=ctx.outputs["contexts"],
+                        rollouts=rollouts.outputs["merged"],
+                        shard=shard,
+                        num_shards=num_shards,
+                        **from_student,
+                    ),
+                    cluster,
+                )
+                sc.set_display_name(f"Multi-view scoring (round {r})")
+            scores = merge_shards_op(
+                parts=dsl.Collected(sc.outputs["scores"]), filenames=["scores.safetensors", "ids.json"]
+            )
+            _cpu(scores, cluster).set_display_name(f"Gather scores (round {r})")
+            tr = _gpu(
+                train_op(
+                    config=config,
+                    prepared=prep.outputs["prepared"],
+                    contexts=ctx.outputs["contexts"],
+                    rollouts=rollouts.outputs["merged"],
+                    scores=scores.outputs["merged"],
+                    run_id=run.outputs["run_id"],
+                    round_index=r,
+                    **({"previous": student} if student is not None else {}),
+                ),
+                cluster,
+            )
+            tr.set_display_name(f"Distillation training (round {r})")
+            student = tr.outputs["model"]
+            last_scores = scores.outputs["merged"]
+
+        with dsl.ParallelFor(benchmarks, name="eval-benchmarks") as bench:
+            base_eval = _sandboxed(
+                _gpu(eval_op(config=config, prepared=prep.outputs["prepared"], benchmark=bench), cluster),
+                cluster,
+            )
+            base_eval.set_display_name("Evaluate base model")
+            new_eval = _sandboxed(
+                _gpu(
+                    eval_op(config=config, prepared=prep.outputs["prepared"], benchmark=bench, model=student),
+                    cluster,
+                ),
+                cluster,
+            )
+            new_eval.set_display_name("Evaluate distilled model")
+
+        # A fresh Collected per consumer: KFP 2.17's compiler fails when one Collected object feeds two tasks.
+        def evals():
+            return dsl.Collected(new_eval.outputs["results"])
+
+        def base_evals():
+            return dsl.Collected(base_eval.outputs["results"])
+
+        gate = _cpu(
+            register_op(
+                config=config,
+                run_id=run.outputs["run_id"],
+                model=student,
+                evals=evals(),
+                base_evals=base_evals(),
+                prepared=prep.outputs["prepared"],
+                pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            ),
+            cluster,
+        )
+        gate.set_display_name("Register model + promotion gate")
+        with dsl.If(gate.outputs["promote"] == True, name="promote-if-better"):  # noqa: E712 (KFP condition)
+            _cpu(promote_op(config=config, version=gate.outputs["version"]), cluster).set_display_name(
+                "Promote to champion"
+            )
+        rep = _cpu(
+            report_op(
+                config=config,
+                run_id=run.outputs["run_id"],
+                model=student,
+                scores=last_scores,
+                evals=evals(),
+                base_evals=base_evals(),
+                decision=gate.outputs["decision"],
+            ),
+            cluster,
+        )
+        rep.set_display_name("Run report")
+
+    return unisd_pipeline

@@ -1,0 +1,210 @@
+"""Stage subcommands: `unisd prepare|contexts|rollout|score|train|eval`, each one library call.
+
+Every stage takes `--config <run config YAML>` (default configs/demo.yaml) plus `key.sub=value` overrides,
+and directories for its inputs and output — the same directories KFP passes as artifact paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from unisd.cli import command
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="run config YAML (default: configs/demo.yaml)")
+    p.add_argument("--model", default=None, help="model spec (default: the config's `model`)")
+    p.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+
+
+def _load(args: argparse.Namespace):
+    from unisd.runconfig import CONFIG_DIR, load_run_config
+
+    cfg = load_run_config(args.config or CONFIG_DIR / "demo.yaml", args.overrides)
+    return cfg, args.model or cfg.model
+
+
+def _print(manifest: dict) -> int:
+    print(json.dumps({k: manifest.get(k) for k in ("stage", "counts", "timings_s")}, indent=2, default=str))
+    return 0
+
+
+def _prepare_args(p):
+    _config_args(p)
+    p.add_argument("--out", required=True)
+
+
+@command(
+    "prepare",
+    "benchmarks → training records (student/teacher prompts) and held-out eval records",
+    _prepare_args,
+)
+def cmd_prepare(args):
+    from unisd.prepare import run_prepare
+
+    cfg, model = _load(args)
+    return _print(run_prepare(cfg.prepare, model_spec=model, out_dir=args.out))
+
+
+def _contexts_args(p):
+    _config_args(p)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--out", required=True)
+
+
+@command("contexts", "K auxiliary contexts per item + negative demonstrations", _contexts_args)
+def cmd_contexts(args):
+    from unisd.contexts import run_contexts
+
+    cfg, model = _load(args)
+    return _print(
+        run_contexts(cfg.contexts_config(), model_spec=model, prepared_dir=args.prepared, out_dir=args.out)
+    )
+
+
+def _shard_args(p):
+    p.add_argument("--shard-index", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+
+
+def _rollout_args(p):
+    _config_args(p)
+    _shard_args(p)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--out", required=True)
+
+
+@command("rollout", "on-policy completions of the student (sharded, resumable)", _rollout_args)
+def cmd_rollout(args):
+    from unisd.rollout import run_rollout
+
+    cfg, model = _load(args)
+    rcfg = cfg.rollout.model_copy(update={"shard_index": args.shard_index, "num_shards": args.num_shards})
+    return _print(run_rollout(rcfg, model_spec=model, prepared_dir=args.prepared, out_dir=args.out))
+
+
+def _score_args(p):
+    _config_args(p)
+    _shard_args(p)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--contexts", required=True)
+    p.add_argument("--rollouts", nargs="+", required=True, help="rollout shard directories")
+    p.add_argument("--out", required=True)
+
+
+@command("score", "multi-view scoring: K views' sampled-token log-probs and agreement weights", _score_args)
+def cmd_score(args):
+    from unisd.scoring import run_scoring
+
+    cfg, model = _load(args)
+    scfg = cfg.scoring.model_copy(update={"shard_index": args.shard_index, "num_shards": args.num_shards})
+    return _print(
+        run_scoring(
+            scfg,
+            model_spec=model,
+            prepared_dir=args.prepared,
+            contexts_dir=args.contexts,
+            rollout_dirs=args.rollouts,
+            out_dir=args.out,
+            objective=cfg.objective_config(),
+        )
+    )
+
+
+def _train_args(p):
+    _config_args(p)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--contexts", default=None)
+    p.add_argument("--rollouts", nargs="*", default=[])
+    p.add_argument("--scores", nargs="*", default=[])
+    p.add_argument("--init-adapter", default=None, help="continue from a previous round's adapter")
+    p.add_argument("--out", required=True)
+
+
+@command("train", "distillation training (resumes from the last checkpoint in --out)", _train_args)
+def cmd_train(args):
+    from unisd.train import run_train
+
+    cfg, model = _load(args)
+    tcfg = (
+        cfg.train.model_copy(update={"init_adapter": args.init_adapter}) if args.init_adapter else cfg.train
+    )
+    return _print(
+        run_train(
+            tcfg,
+            cfg.objective_config(),
+            model_spec=model,
+            prepared_dir=args.prepared,
+            contexts_dir=args.contexts,
+            rollout_dirs=args.rollouts,
+            score_dirs=args.scores,
+            out_dir=args.out,
+        )
+    )
+
+
+def _eval_args(p):
+    _config_args(p)
+    p.add_argument("--prepared", required=True)
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--base", default=None, help="base model spec for retention metrics")
+    p.add_argument("--out", required=True)
+
+
+@command("eval", "benchmark evaluation (sandboxed execution, MCQ, tool calls, retention, fit)", _eval_args)
+def cmd_eval(args):
+    from unisd.evaluate import results_table, run_eval
+
+    cfg, model = _load(args)
+    results = run_eval(
+        cfg.eval,
+        model_spec=model,
+        benchmark=args.benchmark,
+        prepared_dir=args.prepared,
+        out_dir=args.out,
+        base_spec=args.base,
+    )
+    print(results_table([results["aggregate"]]))
+    return 0
+
+
+def _promote_args(p):
+    p.add_argument("--config", default=None)
+    p.add_argument("--model", default=None, help="registered model name (default: the config's)")
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the config's)",
+    )
+    p.add_argument("--version", required=True, help="registered model version")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--reason", default="manual promotion")
+    p.add_argument(
+        "--rollback", action="store_true", help="move `champion` back to --version (tagged as rollback)"
+    )
+    p.add_argument("overrides", nargs="*")
+
+
+@command(
+    "promote", "move a registry alias (champion by default) to a model version, or roll back", _promote_args
+)
+def cmd_promote(args):
+    from unisd import tracking
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"tracking.registered_model={args.model}")
+    if args.tracking_uri:
+        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
+    cfg, _ = _load(argparse.Namespace(config=args.config, model=None, overrides=overrides))
+    if args.rollback:
+        result = tracking.rollback(cfg.tracking, args.version, reason=args.reason)
+        print(
+            f"{cfg.tracking.registered_model}: champion {result['previous']} → {result['champion']} (rollback)"
+        )
+    else:
+        previous = tracking.promote(cfg.tracking, args.version, alias=args.alias, reason=args.reason)
+        print(f"{cfg.tracking.registered_model}: {args.alias} {previous} → {args.version}")
+    return 0

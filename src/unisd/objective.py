@@ -1,0 +1,404 @@
+"""The UniSD objective: its typed config, the presets, and the function the trainer calls each micro-batch.
+
+    L = L_KD + λ_c L_CL + λ_f L_FM          (match_repr: L = L_FM alone, as the reference)
+
+`compute_objective` takes the student's and the c*-teacher's final hidden states at the completion
+positions ([B, T, H], row t predicts tokens[:, t]) plus the LM head weights, gathers the valid tokens
+of `mask`, and assembles every term from `unisd.losses` without materialising [B, T, V]. It returns the
+loss and a flat dict of float stats (every term, the divergence, clipping, agreement weights).
+
+Gradient accumulation: pass `normalizers` from `window_normalizers` (counts over the whole window) so
+that the sum of the per-micro-batch losses is the window's loss — divide nothing afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from unisd.config import StrictModel, read_yaml, validate
+from unisd.losses import (
+    DEFAULT_CHUNK_SIZE,
+    chunked_distribution_contrastive,
+    chunked_divergence_and_logprobs,
+    chunked_token_divergence,
+    contrastive_token_loss,
+    distillation_loss,
+    feature_matching_loss,
+    flatten_valid,
+    reduce_per_token,
+)
+from unisd.reliability import agreement_weights, distributed_world_size, summarize_weights
+
+
+class ObjectiveConfig(StrictModel):
+    """Every knob of the UniSD loss. Defaults follow ALGORITHM.md (the `sd` preset)."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = "forward_kl"
+    jsd_beta: float = Field(
+        0.5, ge=0.0, le=1.0, description="JSD mixture weight; 0 → forward KL, 1 → reverse KL"
+    )
+    skew_alpha: float = Field(0.1, ge=0.0, lt=1.0, description="skew KL: KL(p^T ‖ α p^T + (1−α) p^S)")
+    loss_temperature: float = Field(
+        1.0, gt=0.0, description="τ for p^S, p^T and ℓ^S, ℓ^± (reference: T_r=0.7)"
+    )
+
+    clip: Literal["none", "static", "quantile"] = "none"
+    clip_value: float = Field(10.0, gt=0.0)
+    clip_quantile: float = Field(0.99, gt=0.0, le=1.0)
+    clip_style: Literal["hard", "soft"] = "hard"
+
+    agreement: Literal["none", "token", "sequence"] = "none"
+    agreement_stat: Literal["var", "range"] = "var"
+    agreement_gamma: float = Field(1.0, ge=0.0)
+    agreement_quantile: float = Field(0.95, gt=0.0, le=1.0)
+    agreement_cap: float = Field(10.0, gt=0.0)
+    context_kind: Literal["random", "retrieval", "induced"] = "random"
+    num_views: int = Field(3, ge=2, description="K auxiliary contexts")
+
+    contrastive_lambda: float = Field(0.0, ge=0.0)
+    contrastive_margin: float = Field(0.5, ge=0.0)
+    contrastive_variant: Literal["token", "distribution"] = "token"
+    contrastive_alpha: float = Field(0.1, gt=0.0, lt=1.0, description="skew for the distribution variant")
+
+    feature_lambda: float = Field(0.0, ge=0.0)
+    match_repr: bool = Field(False, description="train on L_FM alone (unscaled, as the reference)")
+
+    teacher: Literal["frozen", "ema"] = "frozen"
+    ema_beta: float = Field(0.9, ge=0.0, le=1.0)
+    ema_every: int = Field(10, ge=1, description="optimizer steps between EMA updates")
+
+    reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    faithful: bool = Field(False, description="reproduce the reference code's behaviour where we fix it")
+    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="tokens per logits chunk")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ObjectiveConfig:
+        if self.match_repr and self.contrastive_lambda > 0:
+            raise ValueError("match_repr trains on L_FM alone: contrastive_lambda must be 0")
+        if self.match_repr and self.feature_lambda > 0:
+            raise ValueError(
+                "match_repr trains on L_FM alone, unscaled (as the reference): leave feature_lambda at 0 "
+                "(it weights L_FM only when added to L_KD)"
+            )
+        return self
+
+    @property
+    def uses_views(self) -> bool:
+        return self.agreement != "none"
+
+    @property
+    def uses_negative(self) -> bool:
+        return self.contrastive_lambda > 0
+
+    @property
+    def uses_features(self) -> bool:
+        return self.match_repr or self.feature_lambda > 0
+
+
+def _agreement(level: str, context: str) -> dict:
+    return {"agreement": level, "context_kind": context, "agreement_gamma": 0.01}
+
+
+# The modes of ALGORITHM.md's table; each entry lists only what differs from the defaults.
+_PRESET_FIELDS: dict[str, dict] = {
+    "sd": {},
+    **{
+        f"agreement_{short}_{context}": _agreement(level, context)
+        for short, level in (("tok", "token"), ("seq", "sequence"))
+        for context in ("random", "retrieval", "induced")
+    },
+    "ema": {"teacher": "ema", "ema_beta": 0.9, "ema_every": 10},
+    "contrastive": {"contrastive_lambda": 0.1, "contrastive_margin": 0.5},
+    "match_joint": {"feature_lambda": 0.1},
+    "match_repr": {"match_repr": True},
+    "clip": {"clip": "static", "clip_value": 10.0},
+    "unisd_star": {
+        "divergence": "forward_kl",
+        "agreement": "token",
+        "context_kind": "retrieval",
+        "num_views": 3,
+        "agreement_gamma": 0.001,
+        "contrastive_lambda": 0.01,
+        "contrastive_margin": 0.1,
+        "feature_lambda": 0.01,
+        "teacher": "ema",
+        "ema_beta": 0.98,
+        "ema_every": 10,
+        "clip": "none",
+    },
+}
+PRESETS: dict[str, ObjectiveConfig] = {
+    name: ObjectiveConfig(**fields) for name, fields in _PRESET_FIELDS.items()
+}
+
+
+def preset(name: str) -> ObjectiveConfig:
+    """The ObjectiveConfig of a mode of ALGORITHM.md (sd, agreement_tok_random, ..., unisd_star)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown objective preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name].model_copy(deep=True)
+
+
+def preset_fields(name: str) -> dict:
+    """The fields a preset sets (what configs/presets/<name>.yaml holds under `objective:`)."""
+    preset(name)
+    return dict(_PRESET_FIELDS[name])
+
+
+def load_objective(path: str | Path) -> ObjectiveConfig:
+    """ObjectiveConfig from the `objective:` section of a YAML file; errors name the file and field."""
+    data = read_yaml(path)
+    section = data.get("objective")
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: 'objective' must be a mapping, got {type(section).__name__}")
+    return validate(ObjectiveConfig, section, source=f"{path} [objective]")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Normalisers for gradient accumulation
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Normalizers:
+    """Denominators for one gradient-accumulation window (None = this micro-batch alone).
+
+    num_sequences: sequences in the window (sequence_mean); num_tokens: valid completion tokens
+    (token_mean of L_CL, L_FM); num_weighted_tokens: Σ m·w (token_mean of L_KD with agreement weights).
+    """
+
+    num_sequences: float | None = None
+    num_tokens: float | None = None
+    num_weighted_tokens: float | None = None
+
+
+def window_normalizers(
+    masks: Sequence[Tensor],
+    weights: Sequence[Tensor | None] | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> Normalizers:
+    """Normalizers for the micro-batches `masks` ([B, T] each) of one accumulation window.
+
+    Under torch.distributed the counts are summed over ranks and divided by the world size: DDP
+    averages gradients over ranks, so each rank must divide by (global count / world size) for the
+    result to be the global-window mean. Weighted counts need the agreement weights of every
+    micro-batch in advance (score the K views for the whole window first; they are no-grad).
+    """
+    if not masks:
+        raise ValueError("window_normalizers needs at least one micro-batch mask")
+    if weights is not None and len(weights) != len(masks):
+        raise ValueError(f"got {len(weights)} weight tensors for {len(masks)} masks")
+    device = masks[0].device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for index, mask in enumerate(masks):
+        valid = mask.bool()
+        totals[0] += mask.shape[0]
+        totals[1] += valid.sum()
+        w = weights[index] if weights is not None else None
+        totals[2] += (w.double() * valid).sum() if w is not None else valid.sum()
+    world = distributed_world_size(group)
+    if world > 1:
+        dist.all_reduce(totals, group=group)
+        totals /= world
+    num_sequences, num_tokens, num_weighted = totals.tolist()
+    return Normalizers(num_sequences, max(num_tokens, 1e-12), max(num_weighted, 1e-12))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The combined objective
+# ---------------------------------------------------------------------------------------------------
+
+
+def _flat(x: Tensor, flat_index: Tensor) -> Tensor:
+    """[B, T, ...] → [N, ...] at the valid positions (keeps autograd)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[flat_index]
+
+
+def compute_objective(
+    cfg: ObjectiveConfig,
+    *,
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    teacher_head_weight: Tensor | None = None,
+    token_weights: Tensor | None = None,
+    view_logps: Tensor | None = None,
+    negative_logps: Tensor | None = None,
+    negative_hidden: Tensor | None = None,
+    normalizers: Normalizers | None = None,
+    logit_softcap: float | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The UniSD loss of one micro-batch and its stats.
+
+    student_hidden [B, T, H]  final hidden state (after the final norm) of the student on x, row t
+                              predicting tokens[:, t]; requires grad.
+    student_head_weight [V, H] student LM head (grad if it requires grad).
+    teacher_hidden [B, T, H]  the c*-teacher's at the same completion positions (detached here).
+    tokens [B, T], mask [B, T] completion tokens y and their validity (1 up to and incl. first EOS).
+    teacher_head_weight       [V, H] or None (= the student head; LoRA / frozen teachers).
+    token_weights [B, T]      precomputed agreement weights, or
+    view_logps [K, B, T]      the K views' ℓ^k (temperature 1) to compute them here (cfg.agreement).
+    negative_logps [B, T]     ℓ^− (c⁻-teacher, at the loss temperature) for the token contrastive term.
+    negative_hidden [B, T, H] c⁻-teacher hidden states for the distribution contrastive variant.
+    normalizers               window counts (see window_normalizers); None = this micro-batch alone.
+    Returns (loss, stats of floats): loss, kd_loss, cl_loss, fm_loss (those that are on), kd/*,
+    cl/*, agreement/weight_{min,mean,max}, num_tokens, num_sequences.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    batch, length = mask.shape
+    for name, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if x.dim() != 3 or tuple(x.shape[:2]) != (batch, length):
+            raise ValueError(f"{name} must be [B, T, H] = [{batch}, {length}, H], got {tuple(x.shape)}")
+    if tokens.shape != mask.shape:
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} != mask shape {tuple(mask.shape)}")
+    norms = normalizers or Normalizers()
+    flat_index, seq_ids = flatten_valid(mask)
+    h_student = _flat(student_hidden, flat_index)
+    h_teacher = _flat(teacher_hidden, flat_index).detach()
+    stats: dict[str, float] = {"num_tokens": float(flat_index.numel()), "num_sequences": float(batch)}
+
+    weights = None
+    if cfg.agreement != "none":
+        if (token_weights is None) == (view_logps is None):
+            raise ValueError(
+                f"agreement={cfg.agreement!r} needs exactly one of token_weights [B, T] or view_logps [K, B, T]"
+            )
+        if view_logps is not None:
+            if view_logps.shape[0] != cfg.num_views:
+                raise ValueError(
+                    f"view_logps has K={view_logps.shape[0]} views, config num_views={cfg.num_views}"
+                )
+            token_weights = agreement_weights(
+                view_logps,
+                mask,
+                level=cfg.agreement,
+                stat=cfg.agreement_stat,
+                gamma=cfg.agreement_gamma,
+                quantile=cfg.agreement_quantile,
+                cap=cfg.agreement_cap,
+                faithful=cfg.faithful,
+                group=group,
+            )
+        if token_weights.shape != mask.shape:
+            raise ValueError(
+                f"token_weights shape {tuple(token_weights.shape)} != mask shape {tuple(mask.shape)}"
+            )
+        stats.update(summarize_weights(token_weights, mask))
+        weights = _flat(token_weights.detach(), flat_index)
+
+    want_token_cl = cfg.contrastive_lambda > 0 and cfg.contrastive_variant == "token"
+    head_kwargs = dict(
+        kind=cfg.divergence,
+        beta=cfg.jsd_beta,
+        alpha=cfg.skew_alpha,
+        temperature=cfg.loss_temperature,
+        chunk_size=cfg.chunk_size,
+        logit_softcap=logit_softcap,
+    )
+
+    if cfg.reduction == "sequence_mean":
+        kd_norm = unweighted_norm = norms.num_sequences
+    else:
+        kd_norm = norms.num_weighted_tokens if weights is not None else norms.num_tokens
+        unweighted_norm = norms.num_tokens
+
+    total: Tensor
+    if not cfg.match_repr:
+        if want_token_cl:
+            div, student_logps, positive_logps = chunked_divergence_and_logprobs(
+                h_student,
+                student_head_weight,
+                h_teacher,
+                _flat(tokens, flat_index),
+                teacher_head_weight,
+                **head_kwargs,
+            )
+        else:
+            div = chunked_token_divergence(
+                h_student, student_head_weight, h_teacher, teacher_head_weight, **head_kwargs
+            )
+        kd, kd_stats = distillation_loss(
+            div,
+            seq_ids,
+            batch,
+            weights=weights,
+            clip=cfg.clip,
+            clip_value=cfg.clip_value,
+            clip_quantile=cfg.clip_quantile,
+            clip_style=cfg.clip_style,
+            reduction=cfg.reduction,
+            normalizer=kd_norm,
+            faithful=cfg.faithful,
+            group=group,
+        )
+        stats.update(kd_stats)
+        stats["kd_loss"] = float(kd.detach())
+        total = kd
+
+        if cfg.contrastive_lambda > 0:
+            if cfg.contrastive_variant == "token":
+                if negative_logps is None:
+                    raise ValueError("contrastive_lambda > 0 (token variant) needs negative_logps [B, T]")
+                if negative_logps.shape != mask.shape:
+                    raise ValueError(
+                        f"negative_logps shape {tuple(negative_logps.shape)} != mask shape {tuple(mask.shape)}"
+                    )
+                cl, cl_stats = contrastive_token_loss(
+                    student_logps,
+                    positive_logps,
+                    _flat(negative_logps, flat_index),
+                    seq_ids,
+                    batch,
+                    margin=cfg.contrastive_margin,
+                    reduction=cfg.reduction,
+                    normalizer=unweighted_norm,
+                )
+                stats.update(cl_stats)
+            else:
+                if negative_hidden is None:
+                    raise ValueError("contrastive_variant='distribution' needs negative_hidden [B, T, H]")
+                if tuple(negative_hidden.shape) != tuple(teacher_hidden.shape):
+                    raise ValueError(
+                        f"negative_hidden shape {tuple(negative_hidden.shape)} != teacher_hidden shape"
+                    )
+                per_token = chunked_distribution_contrastive(
+                    h_student,
+                    student_head_weight,
+                    h_teacher,
+                    _flat(negative_hidden, flat_index).detach(),
+                    teacher_head_weight,
+                    alpha=cfg.contrastive_alpha,
+                    temperature=cfg.loss_temperature,
+                    chunk_size=cfg.chunk_size,
+                    logit_softcap=logit_softcap,
+                )
+                cl = reduce_per_token(
+                    per_token, seq_ids, batch, reduction=cfg.reduction, normalizer=unweighted_norm
+                )
+            stats["cl_loss"] = float(cl.detach())
+            total = total + cfg.contrastive_lambda * cl
+
+    if cfg.uses_features:
+        fm = feature_matching_loss(
+            h_student, h_teacher, seq_ids, batch, reduction=cfg.reduction, normalizer=unweighted_norm
+        )
+        stats["fm_loss"] = float(fm.detach())
+        total = fm if cfg.match_repr else total + cfg.feature_lambda * fm
+
+    stats["loss"] = float(total.detach())
+    return total, stats

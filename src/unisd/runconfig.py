@@ -1,0 +1,74 @@
+"""The run config: every stage's typed config composed into one, loaded from `configs/*.yaml`.
+
+    model: smollm2-135m-instruct
+    preset: unisd_star            # configs/presets/<name>.yaml (= unisd.objective.PRESETS)
+    objective: {...}              # field overrides on top of the preset
+    prepare / contexts / rollout / scoring / train / eval / tracking / pipeline: {...}
+
+The objective is the single source of truth for the auxiliary-context kind and K: the contexts stage
+takes them from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from unisd.config import ConfigError, StrictModel, load_config
+from unisd.contexts import ContextsConfig
+from unisd.evaluate import EvalConfig
+from unisd.objective import PRESETS, ObjectiveConfig, preset
+from unisd.prepare import PrepareConfig
+from unisd.rollout import RolloutConfig
+from unisd.scoring import ScoringConfig
+from unisd.tracking import TrackingConfig
+from unisd.train import TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class PipelineSettings(StrictModel):
+    rounds: int = Field(1, ge=1)  # staged rounds of rollout → score → train
+    shards: int = Field(1, ge=1)  # ParallelFor fan-out of rollout and scoring
+    pipeline_root: str = "runs/kfp"
+
+
+class RunConfig(StrictModel):
+    model: str = "smollm2-135m-instruct"
+    preset: str = "unisd_star"
+    objective: dict[str, Any] = {}
+    prepare: PrepareConfig = PrepareConfig()
+    contexts: ContextsConfig = ContextsConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    pipeline: PipelineSettings = PipelineSettings()
+
+    def objective_config(self) -> ObjectiveConfig:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; presets: {sorted(PRESETS)}")
+        try:
+            return ObjectiveConfig(**{**preset(self.preset).model_dump(), **self.objective})
+        except ValueError as err:
+            raise ConfigError(f"objective overrides {self.objective}: {err}") from None
+
+    def contexts_config(self) -> ContextsConfig:
+        obj = self.objective_config()
+        return self.contexts.model_copy(update={"kind": obj.context_kind, "num_views": obj.num_views})
+
+    @property
+    def needs_contexts(self) -> bool:
+        obj = self.objective_config()
+        return obj.uses_views or obj.uses_negative
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """RunConfig from a YAML file (default: configs/demo.yaml) plus `key.sub=value` overrides."""
+    cfg = load_config(RunConfig, path, overrides)
+    cfg.objective_config()  # fail early on a bad preset or override
+    return cfg

@@ -1,0 +1,680 @@
+"""Distillation trainer: records + rollouts + view log-probs (+ negatives) → a better student.
+
+One optimizer step = one gradient-accumulation window of `grad_accum` micro-batches:
+
+    for each micro-batch:
+        student:  decoder(x + y)            → h^S [N, H]  (grad)
+        teacher:  decoder(c* + x + y)       → h^T [N, H]  (no grad; frozen θ0 = adapter off, or EMA)
+        negative: decoder(c⁻ + x + y)       → ℓ^−  [N]    (no grad; only when the contrastive term is on)
+        loss = L_KD(h^S, h^T; agreement weights, clipping) + λc L_CL + λf L_FM   (chunked over the vocab)
+        loss.backward()      # normalised over the whole window: summing micro-batches divides once
+    clip grad norm → AdamW → cosine schedule → EMA teacher update every N steps → checkpoint every M steps
+
+Agreement weights come from the scoring stage's per-token view log-probs, recomputed for each window so the
+quantile is a statistic of the global batch (all ranks), as ALGORITHM.md asks.
+
+Exact resume: a checkpoint holds the trainable weights, optimizer, scheduler, EMA teacher, every RNG state
+and the data position (epoch, micro-batch index), so a killed run resumes to the same final weights.
+
+Two rollout modes: `staged` consumes the rollout/scoring artifacts (what the KFP DAG does, R rounds);
+`online` generates and scores the window's completions with the current student inside the loop (the
+paper's colocated protocol).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from unisd.artifacts import Timer, read_json, read_jsonl, write_json, write_jsonl, write_manifest
+from unisd.config import StrictModel
+from unisd.objective import ObjectiveConfig, compute_objective
+from unisd.sequences import build_teacher_forcing_batch, completion_hidden, lm_head_of, logit_softcap_of
+
+log = logging.getLogger(__name__)
+
+
+class LoraSettings(StrictModel):
+    enabled: bool = True
+    r: int = 64  # reference: r=64, alpha=128, dropout 0.05 on all projections
+    alpha: int = 128
+    dropout: float = 0.05
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainConfig(StrictModel):
+    mode: Literal["staged", "online"] = "staged"
+    lora: LoraSettings = LoraSettings()
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 4
+    grad_accum: int = 4
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; None = epochs over the data
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
+    max_bad_fraction: float = 0.1  # hard stop when more items than this are skipped as bad
+    deepspeed: Literal["none", "zero2", "zero3"] = "none"
+    save_merged: bool = True  # also save merged full weights (what the next round's rollout loads)
+    init_adapter: str | None = None  # continue from a previous round's adapter
+    # online mode only
+    online_max_new_tokens: int = 128
+    online_temperature: float = 0.7
+
+
+class BadInputError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+def load_training_items(
+    prepared_dir: str | Path,
+    contexts_dir: str | Path | None,
+    rollout_dirs: Sequence[str | Path],
+    score_dirs: Sequence[str | Path],
+    *,
+    need_views: bool,
+    need_negatives: bool,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Join the stage artifacts by item id; count (not hide) items that can't be trained on."""
+    from unisd.rollout import load_completions
+    from unisd.scoring import load_scores
+
+    prepared = read_jsonl(Path(prepared_dir) / "train.jsonl")
+    contexts = {r["id"]: r for r in read_jsonl(Path(contexts_dir) / "contexts.jsonl")} if contexts_dir else {}
+    completions = load_completions(rollout_dirs) if rollout_dirs else {}
+    scores = load_scores(score_dirs) if score_dirs else {}
+    skipped = {"no_completion": 0, "empty_completion": 0, "no_context": 0, "no_negative": 0}
+    items = []
+    for row in prepared:
+        item = {
+            "id": row["id"],
+            "student_prompt_ids": row["student_prompt_ids"],
+            "teacher_prompt_ids": row["teacher_prompt_ids"],
+        }
+        if completions:
+            comp = completions.get(row["id"])
+            if comp is None:
+                skipped["no_completion"] += 1
+                continue
+            if not comp["completion_ids"]:
+                skipped["empty_completion"] += 1
+                continue
+            item["completion_ids"] = comp["completion_ids"]
+        ctx = contexts.get(row["id"])
+        if (need_views or need_negatives) and contexts and ctx is None:
+            skipped["no_context"] += 1  # dropped by the contexts stage (length limits)
+            continue
+        if need_negatives:
+            if not ctx or not ctx.get("negative"):
+                skipped["no_negative"] += 1
+                continue
+            item["negative_prompt_ids"] = ctx["negative"]["prompt_ids"]
+        if need_views and ctx:
+            item["view_prompt_ids"] = [v["prompt_ids"] for v in ctx["views"]]
+            item["view_context_ids"] = [v.get("context_id") for v in ctx["views"]]
+        score = scores.get(row["id"])
+        if score is not None and score["view_logps"] is not None:
+            item["view_logps"] = score["view_logps"]  # [K, T]
+        items.append(item)
+    return items, skipped
+
+
+def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
+    return random.Random(f"{seed}:{epoch}").sample(range(n_items), n_items)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model, optimizer, schedule
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_student(model_spec: str, cfg: TrainConfig, device: str):
+    from unisd.models import load_model
+
+    dtype = cfg.dtype if cfg.dtype != "auto" else None
+    model = load_model(model_spec, device=device, dtype=dtype)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if cfg.init_adapter:
+            model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        else:
+            present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+            targets = [t for t in cfg.lora.target_modules if t in present]
+            if not targets:
+                raise ValueError(
+                    f"none of the LoRA target modules {cfg.lora.target_modules} exist in {model_spec}"
+                )
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=cfg.lora.r,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout,
+                    target_modules=targets,
+                    task_type="CAUSAL_LM",
+                ),
+            )
+    model.train()
+    return model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def deepspeed_config(stage: str, cfg: TrainConfig) -> dict[str, Any]:
+    """DeepSpeed config for ZeRO-2/3 (multi-GPU; on CPU: DS_ACCELERATOR=cpu torchrun + gloo, see STACK.md)."""
+    zero = {"stage": 2 if stage == "zero2" else 3, "overlap_comm": True, "contiguous_gradients": True}
+    if stage == "zero3":
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e5)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16": {"enabled": torch.cuda.is_available()},
+        "zero_optimization": zero,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(
+    ckpt_dir: Path, *, model, optimizer, scheduler, teacher, state: dict[str, Any], keep: int
+) -> Path:
+    """Atomically write checkpoints/step-XXXXXX/ (tmp dir + rename), then prune old ones."""
+    final = ckpt_dir / f"step-{state['step']:06d}"
+    tmp = ckpt_dir / f".tmp-step-{state['step']:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(
+        {
+            "trainable": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "teacher": teacher_state(teacher),
+            "rng": rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    write_json(tmp / "trainer_state.json", state)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def teacher_state(teacher) -> dict[str, Any]:
+    """What a checkpoint needs to restore the teacher exactly: its step counters and its weights
+    (EMA copy for full fine-tuning, the teacher adapter for LoRA EMA; nothing for a frozen θ0)."""
+    state: dict[str, Any] = {
+        k: getattr(teacher, k) for k in ("optimizer_steps", "updates") if hasattr(teacher, k)
+    }
+    if hasattr(teacher, "pairs"):  # LoRA EMA: the teacher adapter's tensors
+        state["adapter"] = [t.detach().clone() for t, _ in teacher.pairs]
+    elif teacher.kind == "ema":
+        state["model"] = {k: v.detach().clone() for k, v in teacher.model.state_dict().items()}
+    return state
+
+
+@torch.no_grad()
+def load_teacher_state(teacher, state: dict[str, Any]) -> None:
+    for key in ("optimizer_steps", "updates"):
+        if key in state:
+            setattr(teacher, key, state[key])
+    if "adapter" in state:
+        for (t, _), saved in zip(teacher.pairs, state["adapter"]):
+            t.copy_(saved)
+    elif "model" in state:
+        teacher.model.load_state_dict(state["model"])
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "trainer_state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, teacher) -> dict[str, Any]:
+    blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in blob["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    load_teacher_state(teacher, blob["teacher"])
+    set_rng_state(blob["rng"])
+    return read_json(path / "trainer_state.json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one micro-batch
+
+
+def micro_batch_loss(
+    model,
+    teacher,
+    objective: ObjectiveConfig,
+    items: Sequence[dict[str, Any]],
+    *,
+    pad_id: int,
+    weights_by_item: dict[str, torch.Tensor] | None,
+    normalizers,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward passes + objective for one micro-batch; returns (loss to backward, stats)."""
+    from unisd.losses import sampled_token_logprobs
+
+    device = next(model.parameters()).device
+    completions = [it["completion_ids"] for it in items]
+    student_batch = build_teacher_forcing_batch(
+        [it["student_prompt_ids"] for it in items], completions, pad_id=pad_id
+    ).to(device)
+    mask, tokens = student_batch.completion_mask, student_batch.completion_ids
+    h_student = completion_hidden(model, student_batch)  # [B, T, H], grad
+    teacher_batch = build_teacher_forcing_batch(
+        [it["teacher_prompt_ids"] for it in items], completions, pad_id=pad_id
+    ).to(device)
+    softcap = logit_softcap_of(model)
+    negative_logps = negative_hidden = None
+    with teacher.forward_context() as teacher_model:
+        h_teacher = completion_hidden(teacher_model, teacher_batch)
+        if objective.uses_negative:
+            neg_batch = build_teacher_forcing_batch(
+                [it["negative_prompt_ids"] for it in items], completions, pad_id=pad_id
+            ).to(device)
+            negative_hidden = completion_hidden(teacher_model, neg_batch)
+            head = teacher.head_weight()
+            negative_logps = sampled_token_logprobs(
+                negative_hidden,
+                lm_head_of(model).weight.detach() if head is None else head,
+                tokens,
+                temperature=objective.loss_temperature,
+                chunk_size=objective.chunk_size,
+                logit_softcap=softcap,
+            )
+    token_weights = None
+    if weights_by_item is not None:
+        token_weights = torch.zeros(mask.shape, dtype=torch.float32)
+        for row, it in enumerate(items):
+            w = weights_by_item[it["id"]]
+            token_weights[row, : len(w)] = w
+        token_weights = token_weights.to(device)
+    return compute_objective(
+        objective,
+        student_hidden=h_student,
+        student_head_weight=lm_head_of(model).weight,
+        teacher_hidden=h_teacher,
+        teacher_head_weight=teacher.head_weight(),
+        tokens=tokens,
+        mask=mask,
+        token_weights=token_weights,
+        negative_logps=negative_logps,
+        negative_hidden=negative_hidden if objective.contrastive_variant == "distribution" else None,
+        normalizers=normalizers,
+        logit_softcap=softcap,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _completion_mask(items: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """[B, T] validity mask from completion lengths (no forward needed)."""
+    lengths = [len(it["completion_ids"]) for it in items]
+    return torch.arange(max(1, max(lengths))).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+
+
+def window_weights(
+    objective: ObjectiveConfig, window: Sequence[dict[str, Any]], micro_batch_size: int
+) -> dict[str, torch.Tensor] | None:
+    """Agreement weights {item id: [T]} for one accumulation window.
+
+    The token-level quantile is a statistic of the global batch (the whole window, all ranks);
+    `faithful` computes it per micro-batch, as the reference does. Items without view log-probs
+    (outside the scoring budget) get weight 1.
+    """
+    from unisd.reliability import agreement_weights
+
+    if not objective.uses_views:
+        return None
+    out: dict[str, torch.Tensor] = {it["id"]: torch.ones(len(it["completion_ids"])) for it in window}
+    groups = (
+        [window[i : i + micro_batch_size] for i in range(0, len(window), micro_batch_size)]
+        if objective.faithful
+        else [window]
+    )
+    for group in groups:
+        scored = [it for it in group if it.get("view_logps") is not None]
+        if not scored:
+            continue
+        mask = _completion_mask(scored)
+        t_max = mask.shape[1]
+        views = torch.zeros(scored[0]["view_logps"].shape[0], len(scored), t_max)
+        for b, it in enumerate(scored):
+            views[:, b, : it["view_logps"].shape[1]] = it["view_logps"]
+        weights = agreement_weights(
+            views,
+            mask,
+            level=objective.agreement,
+            stat=objective.agreement_stat,
+            gamma=objective.agreement_gamma,
+            quantile=objective.agreement_quantile,
+            cap=objective.agreement_cap,
+            faithful=objective.faithful,
+        )
+        for b, it in enumerate(scored):
+            out[it["id"]] = weights[b, : len(it["completion_ids"])]
+    return out
+
+
+def window_normalizer_counts(
+    window: Sequence[dict[str, Any]], weights: dict[str, torch.Tensor] | None, micro_batch_size: int
+):
+    from unisd.objective import window_normalizers
+
+    micro = [window[i : i + micro_batch_size] for i in range(0, len(window), micro_batch_size)]
+    masks = [_completion_mask(m) for m in micro]
+    if weights is None:
+        return window_normalizers(masks)
+    per_micro = []
+    for m, mask in zip(micro, masks):
+        w = torch.zeros(mask.shape)
+        for row, it in enumerate(m):
+            w[row, : len(weights[it["id"]])] = weights[it["id"]]
+        per_micro.append(w)
+    return window_normalizers(masks, per_micro)
+
+
+def _online_refresh(model, tokenizer, teacher, objective, window, cfg: TrainConfig, step: int) -> None:
+    """Online mode: the current student writes this window's completions, then the views score them."""
+    from unisd.rollout import RolloutConfig, generate_hf
+    from unisd.scoring import score_views
+
+    rollout_cfg = RolloutConfig(
+        temperature=cfg.online_temperature, max_new_tokens=cfg.online_max_new_tokens, seed=cfg.seed
+    )
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        results = generate_hf(
+            model,
+            tokenizer,
+            [it["student_prompt_ids"] for it in window],
+            rollout_cfg,
+            first_index=step * len(window),
+        )
+        for it, (ids, _, _) in zip(window, results):
+            it["completion_ids"] = ids or [tokenizer.eos_token_id]
+        if objective.uses_views:
+            rows, owners = [], []
+            for n, it in enumerate(window):
+                for prompt, key in zip(it["view_prompt_ids"], it["view_context_ids"]):
+                    rows.append((prompt, it["completion_ids"], key))
+                    owners.append(n)
+            with teacher.forward_context() as teacher_model:
+                scored = score_views(
+                    teacher_model,
+                    rows,
+                    pad_id=tokenizer.pad_token_id,
+                    batch_size=len(rows),
+                    chunk_size=objective.chunk_size,
+                    progress=False,
+                )
+            per_item: dict[int, list[list[float]]] = {}
+            for n, lp in zip(owners, scored):
+                per_item.setdefault(n, []).append(lp)
+            for n, it in enumerate(window):
+                it["view_logps"] = torch.tensor(per_item[n], dtype=torch.float32)
+    model.train(was_training)
+
+
+def run_train(
+    cfg: TrainConfig,
+    objective: ObjectiveConfig,
+    *,
+    model_spec: str,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    contexts_dir: str | Path | None = None,
+    rollout_dirs: Sequence[str | Path] = (),
+    score_dirs: Sequence[str | Path] = (),
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train stage. Resumes from the latest checkpoint in `out_dir/checkpoints` when there is one.
+
+    Writes `out_dir/adapter` (LoRA) and/or `out_dir/merged` (full HF model dir), `metrics.jsonl`,
+    `manifest.json`. `stop_after_steps` ends the process early (used to test kill-and-resume).
+    """
+    from unisd.models import default_device, load_tokenizer
+    from unisd.teacher import build_teacher
+
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    timer = Timer()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device = default_device()
+    with timer("load"):
+        tokenizer = load_tokenizer(model_spec)
+        model = build_student(model_spec, cfg, device)
+        teacher = build_teacher(
+            objective.teacher,
+            model,
+            beta=objective.ema_beta,
+            every=objective.ema_every,
+            faithful=objective.faithful,
+        )
+    online = cfg.mode == "online"
+    items, skipped = load_training_items(
+        prepared_dir,
+        contexts_dir,
+        [] if online else rollout_dirs,
+        [] if online else score_dirs,
+        need_views=online and objective.uses_views,
+        need_negatives=objective.uses_negative,
+    )
+    if not items:
+        raise BadInputError(f"no trainable items (skipped: {skipped}); check the rollout/contexts artifacts")
+    n_total = len(items) + sum(skipped.values())
+    if sum(skipped.values()) > cfg.max_bad_fraction * n_total:
+        raise BadInputError(
+            f"{sum(skipped.values())}/{n_total} items unusable ({skipped}) — over "
+            f"max_bad_fraction={cfg.max_bad_fraction}; refusing to train on what is left"
+        )
+    if sum(skipped.values()):
+        log.warning("skipping %d unusable items: %s", sum(skipped.values()), skipped)
+    window_size = cfg.micro_batch_size * cfg.grad_accum
+    steps_per_epoch = max(1, len(items) // window_size) if len(items) >= window_size else 1
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps))
+    )
+    state = {"step": 0, "epoch": 0, "position": 0, "bad_items": 0, "seen_items": 0}
+    if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, teacher=teacher)
+        log.info("resumed from %s (step %d)", ckpt, state["step"])
+    metrics_path = out_dir / "metrics.jsonl"
+    history = read_jsonl(metrics_path) if metrics_path.exists() else []
+    history = [h for h in history if h["step"] <= state["step"]]
+    pad_id = tokenizer.pad_token_id
+    order = epoch_order(len(items), cfg.seed, state["epoch"])
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step")
+    started = time.perf_counter()
+    tokens_seen = 0
+    while state["step"] < total_steps:
+        if state["position"] + window_size > len(order) and state["position"] > 0:
+            state["epoch"] += 1
+            state["position"] = 0
+            order = epoch_order(len(items), cfg.seed, state["epoch"])
+        window = [items[i] for i in order[state["position"] : state["position"] + window_size]]
+        if online:
+            window = [dict(it) for it in window]
+            _online_refresh(model, tokenizer, teacher, objective, window, cfg, state["step"])
+        with timer("step"):
+            weights = window_weights(objective, window, cfg.micro_batch_size)
+            normalizers = window_normalizer_counts(window, weights, cfg.micro_batch_size)
+            optimizer.zero_grad(set_to_none=True)
+            step_stats: dict[str, float] = {}
+            bad_in_window = 0
+            for m in range(0, len(window), cfg.micro_batch_size):
+                micro = window[m : m + cfg.micro_batch_size]
+                loss, stats = micro_batch_loss(
+                    model,
+                    teacher,
+                    objective,
+                    micro,
+                    pad_id=pad_id,
+                    weights_by_item=weights,
+                    normalizers=normalizers,
+                )
+                if not torch.isfinite(loss):
+                    bad_in_window += len(micro)
+                    log.warning("non-finite loss at step %d (micro-batch %d): skipped", state["step"], m)
+                    continue
+                loss.backward()
+                for k, v in stats.items():
+                    step_stats[k] = step_stats.get(k, 0.0) + float(v) * len(micro) / len(window)
+                tokens_seen += sum(len(it["completion_ids"]) for it in micro)
+            state["bad_items"] += bad_in_window
+            state["seen_items"] += len(window)
+            if state["bad_items"] > cfg.max_bad_fraction * max(state["seen_items"], window_size):
+                raise BadInputError(
+                    f"{state['bad_items']} of {state['seen_items']} items gave non-finite losses "
+                    f"(max_bad_fraction={cfg.max_bad_fraction}); stopping"
+                )
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                log.warning("non-finite gradient norm at step %d: optimizer step skipped", state["step"])
+            scheduler.step()
+            state["step"] += 1
+            state["position"] += window_size
+            teacher.step()
+        record = {
+            "step": state["step"],
+            **{k: round(v, 6) for k, v in step_stats.items()},
+            "train/grad_norm": float(grad_norm),
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/tokens_per_s": tokens_seen / max(time.perf_counter() - started, 1e-9),
+            "train/bad_items": state["bad_items"],
+        }
+        history.append(record)
+        if log_metrics:
+            log_metrics({k: v for k, v in record.items() if k != "step"}, state["step"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total_steps:
+            write_jsonl(metrics_path, history)
+            save_checkpoint(
+                ckpt_dir,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                teacher=teacher,
+                state=state,
+                keep=cfg.keep_checkpoints,
+            )
+        if stop_after_steps is not None and state["step"] >= stop_after_steps and state["step"] < total_steps:
+            bar.close()
+            return {"stopped_at": state["step"]}
+    bar.close()
+    with timer("save"):
+        write_jsonl(metrics_path, history)
+        export = save_trained_model(model, tokenizer, out_dir, cfg)
+    counts = {
+        "items": len(items),
+        "skipped": skipped,
+        "steps": state["step"],
+        "bad_items": state["bad_items"],
+        "final": history[-1] if history else {},
+    }
+    return write_manifest(
+        out_dir,
+        stage="train",
+        config={"train": cfg.model_dump(), "objective": objective.model_dump(), "model": model_spec},
+        inputs_hash="",
+        counts=counts,
+        timings=timer.timings,
+        extra={"export": export},
+    )
+
+
+def save_trained_model(model, tokenizer, out_dir: Path, cfg: TrainConfig) -> dict[str, str]:
+    """Save the adapter (LoRA) and/or merged full weights as HF folders; returns their paths."""
+    export: dict[str, str] = {}
+    model.eval()
+    if cfg.lora.enabled:
+        adapter_dir = out_dir / "adapter"
+        model.save_pretrained(adapter_dir, selected_adapters=["default"])
+        export["adapter"] = str(adapter_dir)
+    if cfg.save_merged or not cfg.lora.enabled:
+        merged_dir = out_dir / "merged"
+        merged = _merged_copy(model) if cfg.lora.enabled else model
+        merged.save_pretrained(merged_dir, safe_serialization=True)
+        tokenizer.save_pretrained(merged_dir)
+        export["merged"] = str(merged_dir)
+    return export
+
+
+def _merged_copy(peft_model):
+    """A plain model with the student ("default") LoRA adapter folded in; the training model is untouched."""
+    import copy
+
+    clone = copy.deepcopy(peft_model)
+    if "teacher" in getattr(clone, "peft_config", {}):
+        clone.delete_adapter("teacher")
+    clone.set_adapter("default")
+    return clone.merge_and_unload()

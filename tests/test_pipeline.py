@@ -1,0 +1,207 @@
+"""The compiled pipeline (IR YAML) and the KFP client calls of `unisd submit` / `unisd schedule`."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import yaml
+
+from unisd.cli import main
+
+STAGES = [
+    "resolve-config-op",
+    "start-tracking-op",
+    "prepare-op",
+    "contexts-op",
+    "shard-indices-op",
+    "rollout-op",
+    "merge-shards-op",
+    "score-op",
+    "train-op",
+    "eval-op",
+    "register-op",
+    "promote-op",
+    "report-op",
+]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
+    assert main(["compile", "--output", str(out), "--rounds", "2"]) == 0
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return out.read_text(), docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+def test_every_stage_is_in_the_dag(compiled):
+    text, spec, _ = compiled
+    for stage in STAGES:
+        assert f"comp-{stage}" in spec["components"], stage
+    # Two rounds unrolled: rollout / score / train appear once per round.
+    tasks = json.dumps(spec["root"]["dag"]["tasks"])
+    assert tasks.count('"train-op') >= 2 or "train-op-2" in text
+
+
+def test_parallel_for_fanouts(compiled):
+    _, spec, _ = compiled
+    loops = {name: task for name, task in spec["root"]["dag"]["tasks"].items() if "parameterIterator" in task}
+    names = " ".join(t["taskInfo"]["name"] for t in loops.values())
+    assert "rollout-round-0" in names and "score-round-0" in names and "rollout-round-1" in names
+    assert "eval-benchmarks" in names
+    bench_loop = next(t for t in loops.values() if t["taskInfo"]["name"] == "eval-benchmarks")
+    assert bench_loop["parameterIterator"]["items"]["inputParameter"].endswith("benchmarks")
+
+
+def test_gpu_requests_tolerations_secrets_and_sandbox_label(compiled):
+    text, spec, platform = compiled
+    resources = [e["container"].get("resources", {}) for e in spec["deploymentSpec"]["executors"].values()]
+    gpus = [r["accelerator"] for r in resources if "accelerator" in r]
+    assert gpus and all(g["resourceType"] == "nvidia.com/gpu" for g in gpus)
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train = next(v for k, v in k8s.items() if "train-op" in k)
+    assert train["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert {s["secretName"] for s in train["secretAsEnv"]} == {"unisd-mlflow-auth"}
+    assert train["pvcMount"][0]["constant"] == "unisd-cache"  # manifests/base: the model cache PVC
+    assert any(m["mountPath"] == "/dev/shm" for m in train.get("emptyDirMounts", []))
+    evals = [v for k, v in k8s.items() if "eval-op" in k]
+    assert evals and all(
+        v["podMetadata"]["labels"] == {"unisd.ai/sandbox": "true", "unisd.ai/sandbox-kfp-launcher": "true"}
+        for v in evals
+    )
+    # Credentials only as secret references: no container env var with a secret-like name has a value.
+    for executor in spec["deploymentSpec"]["executors"].values():
+        for env in executor["container"].get("env", []):
+            assert not any(w in env["name"].upper() for w in ("PASSWORD", "SECRET", "TOKEN", "KEY")), env
+
+
+def test_cluster_settings_come_from_the_settings_configmap_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNISD_CACHE_PVC", "team-cache")
+    monkeypatch.setenv("UNISD_GPU_NODE_SELECTOR", '{"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}')
+    monkeypatch.setenv(
+        "UNISD_GPU_TOLERATIONS",
+        '[{"key": "gpu", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}]',
+    )
+    monkeypatch.setenv("UNISD_MLFLOW_TRACKING_URI", "http://mlflow.team:5000")
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out)]) == 0
+    spec, platform = list(yaml.safe_load_all(out.read_text()))
+    train = next(
+        v
+        for k, v in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items()
+        if "train-op" in k
+    )
+    assert train["pvcMount"][0]["constant"] == "team-cache"
+    assert train["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert train["tolerations"][0]["value"] == "h100"
+    assert spec["root"]["inputDefinitions"]["parameters"]["mlflow_tracking_uri"]["defaultValue"] == (
+        "http://mlflow.team:5000"
+    )
+
+
+def test_ui_parameters(compiled):
+    _, spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for name in (
+        "model",
+        "preset",
+        "benchmarks",
+        "num_shards",
+        "budget",
+        "max_new_tokens",
+        "lora",
+        "mlflow_tracking_uri",
+        "registered_model",
+        "promotion_margin",
+        "config_yaml",
+    ):
+        assert name in params, name
+    assert params["preset"]["defaultValue"] == "unisd_star"
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """A stand-in KFP API server: records every request and answers with the minimal valid JSON."""
+
+    requests: list[dict] = []
+
+    def _reply(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        body = json.loads(raw) if raw else None
+        type(self).requests.append({"method": self.command, "path": self.path, "body": body})
+        if "/experiments" in self.path and self.command == "GET":
+            self._reply(
+                {"experiments": [{"experiment_id": "exp-1", "display_name": "unisd"}], "total_size": 1}
+            )
+        elif "/experiments" in self.path:
+            self._reply({"experiment_id": "exp-1", "display_name": (body or {}).get("display_name", "unisd")})
+        elif "/recurringruns" in self.path:
+            self._reply({"recurring_run_id": "rr-1", **(body or {})})
+        elif "/runs" in self.path:
+            self._reply({"run_id": "run-1", **(body or {})})
+        else:
+            self._reply({})
+
+    do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+
+@pytest.fixture()
+def kfp_api():
+    _Recorder.requests = []
+    server = HTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", _Recorder.requests
+    server.shutdown()
+
+
+def _posted(requests, fragment):
+    return [r for r in requests if r["method"] == "POST" and fragment in r["path"]]
+
+
+def test_submit_sends_pipeline_spec_and_parameters(kfp_api):
+    host, requests = kfp_api
+    assert main(["submit", "--host", host, "--run-name", "nightly", "preset=sd"]) == 0
+    runs = _posted(requests, "/runs")
+    assert len(runs) == 1
+    body = runs[0]["body"]
+    assert body["display_name"] == "nightly" and body["experiment_id"] == "exp-1"
+    # With kubernetes platform settings the client sends {pipeline_spec, platform_spec}.
+    spec = body["pipeline_spec"]["pipeline_spec"]
+    assert spec["pipelineInfo"]["name"] == "unisd-self-distillation"
+    assert "comp-train-op" in spec["components"]
+    assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]
+    params = body["runtime_config"]["parameters"]
+    assert params["preset"] == "sd" and params["model"] == "smollm2-135m-instruct"
+    assert params["benchmarks"] == ["mbpp", "commonsenseqa"]
+
+
+def test_schedule_sends_cron_and_parameters(kfp_api):
+    host, requests = kfp_api
+    assert main(["schedule", "--host", host, "--cron", "0 0 2 * * *", "--max-concurrency", "1"]) == 0
+    recurring = _posted(requests, "/recurringruns")
+    assert len(recurring) == 1
+    body = recurring[0]["body"]
+    assert body["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * *"
+    assert body["max_concurrency"] in ("1", 1) and body["no_catchup"] is True
+    assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "unisd-self-distillation"
+    assert body["runtime_config"]["parameters"]["preset"] == "unisd_star"
+
+
+def test_schedule_rejects_five_field_cron(kfp_api):
+    host, _ = kfp_api
+    assert main(["schedule", "--host", host, "--cron", "0 2 * * *"]) == 2

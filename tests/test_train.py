@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from unisd.artifacts import write_jsonl
+from unisd.objective import preset
+from unisd.scoring import ScoringConfig, run_scoring
+from unisd.train import LoraSettings, TrainConfig, latest_checkpoint, run_train
+
+SPEC = "tiny:llama"
+
+
+def make_artifacts(root, n_items=8, k=3, seed=0, empty_ids=()):
+    """prepared/ contexts/ rollout/ directories with random token ids (tiny model, real tokenizer ids)."""
+    rng = random.Random(seed)
+
+    def toks(lo, hi):
+        return [rng.randrange(3, 2000) for _ in range(rng.randint(lo, hi))]
+
+    shared = toks(20, 20)  # an "induced" context shared by every item → exercises the prefix cache
+    prepared, contexts, rollouts = [], [], []
+    for i in range(n_items):
+        q = toks(3, 8)
+        item_id = f"t/{i}"
+        prepared.append({"id": item_id, "student_prompt_ids": q, "teacher_prompt_ids": toks(4, 6) + q})
+        contexts.append(
+            {
+                "id": item_id,
+                "views": [
+                    {
+                        "kind": "induced",
+                        "context_id": "induced:0" if v == 0 else None,
+                        "text": "",
+                        "prompt_ids": (shared if v == 0 else toks(5, 9)) + q,
+                    }
+                    for v in range(k)
+                ],
+                "negative": {
+                    "text": "",
+                    "prompt_ids": toks(4, 6) + q,
+                    "answer": "",
+                    "validated": True,
+                    "source": "model",
+                },
+            }
+        )
+        comp = [] if i in empty_ids else toks(2, 6)
+        rollouts.append(
+            {"id": item_id, "completion_ids": comp, "text": "", "finished": True, "logps": [0.0] * len(comp)}
+        )
+    write_jsonl(root / "prepared" / "train.jsonl", prepared)
+    write_jsonl(root / "contexts" / "contexts.jsonl", contexts)
+    write_jsonl(root / "rollout" / "completions.jsonl", rollouts)
+    return root / "prepared", root / "contexts", root / "rollout"
+
+
+def _cfg(**kw):
+    base = dict(
+        lora=LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]),
+        lr=1e-3,
+        micro_batch_size=2,
+        grad_accum=2,
+        max_steps=4,
+        checkpoint_every=1,
+        seed=3,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("art")
+    prepared, contexts, rollout = make_artifacts(root)
+    run_scoring(
+        ScoringConfig(batch_size=4, min_shared_prefix=8),
+        model_spec=SPEC,
+        prepared_dir=prepared,
+        contexts_dir=contexts,
+        rollout_dirs=[rollout],
+        out_dir=root / "scores",
+    )
+    return prepared, contexts, rollout, root / "scores"
+
+
+def _run(tmp, artifacts, objective, **kw):
+    prepared, contexts, rollout, scores = artifacts
+    return run_train(
+        _cfg(**kw.pop("cfg", {})),
+        objective,
+        model_spec=SPEC,
+        prepared_dir=prepared,
+        contexts_dir=contexts,
+        rollout_dirs=[rollout],
+        score_dirs=[scores],
+        out_dir=tmp,
+        **kw,
+    )
+
+
+def test_unisd_star_trains_and_logs_every_term(tmp_path, artifacts):
+    logged = []
+    manifest = _run(
+        tmp_path / "run",
+        artifacts,
+        preset("unisd_star"),
+        log_metrics=lambda m, step: logged.append((step, m)),
+    )
+    assert manifest["counts"]["steps"] == 4
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    keys = set(logged[-1][1])
+    assert {"loss", "kd_loss", "cl_loss", "fm_loss", "train/grad_norm", "train/lr"} <= keys
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for _, m in logged)
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "run" / "merged" / "config.json").exists()
+
+
+def _final_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter" / "adapter_model.safetensors"))
+
+
+def test_kill_and_resume_gives_identical_weights(tmp_path, artifacts):
+    objective = preset("unisd_star").model_copy(update={"ema_every": 1})
+    full = _run(tmp_path / "full", artifacts, objective)
+    stop = random.Random().randint(1, 3)  # a random step
+    partial = _run(tmp_path / "resumed", artifacts, objective, stop_after_steps=stop)
+    assert partial == {"stopped_at": stop}
+    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints") is not None
+    resumed = _run(tmp_path / "resumed", artifacts, objective)
+    a, b = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)  # training moved the adapter
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert abs(full["counts"]["final"]["loss"] - resumed["counts"]["final"]["loss"]) <= 1e-6
+
+
+def test_too_many_empty_completions_is_a_hard_stop(tmp_path):
+    prepared, contexts, rollout = make_artifacts(tmp_path, empty_ids={0, 1, 2})
+    from unisd.train import BadInputError
+
+    with pytest.raises(BadInputError, match="unusable"):
+        run_train(
+            _cfg(),
+            preset("sd"),
+            model_spec=SPEC,
+            prepared_dir=prepared,
+            rollout_dirs=[rollout],
+            out_dir=tmp_path / "out",
+        )
