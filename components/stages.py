@@ -10,7 +10,7 @@ KFP parses these signatures at import time: keep `typing.List` / `Optional` (its
 from typing import List, NamedTuple, Optional
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from unisd.images import image
 
@@ -32,10 +32,9 @@ def resolve_config_op(
     registered_model: str,
     promotion_margin: float,
     extra_overrides: list,
-) -> NamedTuple("Resolved", config=str):
+    config: Output[Artifact],
+):
     """Merge the run parameters set in the UI into the run config; validate it."""
-    from collections import namedtuple
-
     from unisd.pipeline_steps import resolve_config, ui_overrides
 
     resolved = resolve_config(
@@ -54,12 +53,14 @@ def resolve_config_op(
             extra=extra_overrides,
         ),
     )
-    return namedtuple("Resolved", ["config"])(resolved)
+    with open(config.path, "w") as f:
+        f.write(resolved)
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def start_tracking_op(config: str, pipeline_run: str) -> NamedTuple("Tracking", run_id=str):
+def start_tracking_op(config: Input[Artifact], pipeline_run: str) -> NamedTuple("Tracking", run_id=str):
     """Open the MLflow run every later step logs to; returns its run id."""
+    config = open(config.path).read()  # the resolved run config (YAML)
     from collections import namedtuple
 
     from unisd import tracking
@@ -77,34 +78,37 @@ def start_tracking_op(config: str, pipeline_run: str) -> NamedTuple("Tracking", 
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def prepare_op(config: str, prepared: Output[Dataset]):
+def prepare_op(config: Input[Artifact], prepared: Output[Dataset]):
     """Benchmarks → training records (student/teacher prompts) and held-out eval records."""
+    config = open(config.path).read()  # the resolved run config (YAML)
     from unisd.pipeline_steps import prepare
 
     prepared.metadata.update(prepare(config, prepared.path)["counts"])
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def contexts_op(config: str, prepared: Input[Dataset], contexts: Output[Dataset]):
+def contexts_op(config: Input[Artifact], prepared: Input[Dataset], contexts: Output[Dataset]):
     """K auxiliary contexts (random / retrieval / induced) and negative demonstrations per item."""
+    config = open(config.path).read()  # the resolved run config (YAML)
     from unisd.pipeline_steps import contexts as run
 
     contexts.metadata.update(run(config, prepared.path, contexts.path).get("counts", {}))
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def shard_indices_op(num_shards: int) -> NamedTuple("Shards", shards=list):
-    """[0, …, num_shards − 1]: the fan-out of rollout and scoring."""
-    from collections import namedtuple
+def shard_indices_op(num_shards: int) -> list:
+    """[0, …, num_shards − 1]: the fan-out of rollout and scoring.
 
+    Its output keeps the default name "Output" (kfp.local cannot iterate a named output), so every other
+    parameter output is named: kfp.local confuses two upstream outputs that are both called "Output"."""
     from unisd.pipeline_steps import shard_indices
 
-    return namedtuple("Shards", ["shards"])(shard_indices(int(num_shards)))
+    return shard_indices(int(num_shards))
 
 
 @dsl.component(base_image=ROLLOUT_IMAGE, install_kfp_package=False)
 def rollout_op(
-    config: str,
+    config: Input[Artifact],
     prepared: Input[Dataset],
     shard: int,
     num_shards: int,
@@ -112,6 +116,7 @@ def rollout_op(
     student: Optional[Input[Model]] = None,
 ):
     """On-policy completions of one shard (vLLM on GPU, HF generate otherwise)."""
+    config = open(config.path).read()  # the resolved run config (YAML)
     from unisd.pipeline_steps import rollout as run
 
     manifest = run(
@@ -135,7 +140,7 @@ def merge_shards_op(parts: Input[List[Dataset]], filenames: list, merged: Output
 
 @dsl.component(base_image=ROLLOUT_IMAGE, install_kfp_package=False)
 def score_op(
-    config: str,
+    config: Input[Artifact],
     prepared: Input[Dataset],
     contexts: Input[Dataset],
     rollouts: Input[Dataset],
@@ -145,6 +150,7 @@ def score_op(
     student: Optional[Input[Model]] = None,
 ):
     """K-view sampled-token log-probs and agreement weights for one shard (adaptive budget)."""
+    config = open(config.path).read()  # the resolved run config (YAML)
     from unisd.pipeline_steps import score
 
     manifest = score(
@@ -162,7 +168,7 @@ def score_op(
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def train_op(
-    config: str,
+    config: Input[Artifact],
     prepared: Input[Dataset],
     contexts: Input[Dataset],
     rollouts: Input[Dataset],
@@ -174,6 +180,9 @@ def train_op(
     previous: Optional[Input[Model]] = None,
 ):
     """Distillation training (UniSD objective); checkpoints, resumes; logs every loss term to MLflow."""
+    config = open(config.path).read()  # the resolved run config (YAML)
+    import math
+
     from unisd.pipeline_steps import train
 
     manifest = train(
@@ -189,14 +198,14 @@ def train_op(
     )
     final = manifest["counts"].get("final", {})
     for key in ("loss", "kd_loss", "cl_loss", "fm_loss"):
-        if key in final:
+        if key in final and math.isfinite(float(final[key])):  # KFP metadata cannot hold NaN
             metrics.log_metric(key, float(final[key]))
     model.metadata.update({"steps": manifest["counts"]["steps"], "round": int(round_index)})
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def eval_op(
-    config: str,
+    config: Input[Artifact],
     prepared: Input[Dataset],
     benchmark: str,
     results: Output[Dataset],
@@ -204,19 +213,23 @@ def eval_op(
     model: Optional[Input[Model]] = None,
 ):
     """One benchmark: sandboxed execution / letter accuracy / call match, retention, reference fit."""
+    config = open(config.path).read()  # the resolved run config (YAML)
+    import math
+
     from unisd.pipeline_steps import evaluate
 
     aggregate = evaluate(
         config, prepared.path, benchmark, results.path, model.path if model is not None else None
     )
     for key, value in aggregate.items():
-        if isinstance(value, int | float):
+        # KFP metadata cannot hold NaN (e.g. accuracy over zero parseable answers); results.json keeps it.
+        if isinstance(value, int | float) and math.isfinite(value):
             metrics.log_metric(f"{aggregate['role']}_{key}", float(value))
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def register_op(
-    config: str,
+    config: Input[Artifact],
     run_id: str,
     model: Input[Model],
     evals: Input[List[Dataset]],
@@ -225,6 +238,7 @@ def register_op(
     pipeline_run: str,
 ) -> NamedTuple("Gate", version=str, promote=bool, decision=str):
     """Register the student in MLflow (alias `challenger`) and decide promotion (paired bootstrap)."""
+    config = open(config.path).read()  # the resolved run config (YAML)
     import json
     from collections import namedtuple
 
@@ -238,8 +252,9 @@ def register_op(
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def promote_op(config: str, version: str):
+def promote_op(config: Input[Artifact], version: str):
     """Move the `champion` alias to this version."""
+    config = open(config.path).read()  # the resolved run config (YAML)
     from unisd.pipeline_steps import promote
 
     promote(config, version)
@@ -247,7 +262,7 @@ def promote_op(config: str, version: str):
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def report_op(
-    config: str,
+    config: Input[Artifact],
     run_id: str,
     model: Input[Model],
     scores: Input[Dataset],
@@ -258,6 +273,7 @@ def report_op(
     markdown: Output[Markdown],
 ):
     """HTML report with plots (loss terms, reliability weights, base vs adapted with CIs, retention)."""
+    config = open(config.path).read()  # the resolved run config (YAML)
     from unisd.pipeline_steps import report
 
     report(

@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from unisd.artifacts import write_json
 from unisd.cli import command
 from unisd.runconfig import CONFIG_DIR, load_run_config
 
@@ -102,7 +103,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dirs = sorted((p for p in root.iterdir() if p.name not in before), key=lambda p: p.stat().st_mtime)
     run_dir = run_dirs[-1] if run_dirs else root
     summary = local_run_summary(run_dir, tracking_uri=tracking_uri, elapsed_s=elapsed)
+    write_json(run_dir / "summary.json", summary)
     print(json.dumps(summary, indent=2, default=str))
+    print(f"\nSummary: {run_dir / 'summary.json'}")
     print(f"\nReport: {summary.get('report_html')}")
     print(
         f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --port 5000   (then open http://127.0.0.1:5000)"
@@ -117,7 +120,7 @@ def local_run_summary(run_dir: Path, *, tracking_uri: str, elapsed_s: float) -> 
     html = sorted(run_dir.glob("report-op*/html"))
     md = sorted(run_dir.glob("report-op*/markdown"))
     evals = [read_json(p) for p in sorted(run_dir.glob("**/results/results.json"))]
-    gate = sorted(run_dir.glob("register-op*/decision"))
+    gate = sorted(run_dir.glob("register-op*/executor_output.json"))
     return {
         "run_dir": str(run_dir),
         "elapsed_s": round(elapsed_s, 1),
@@ -126,7 +129,7 @@ def local_run_summary(run_dir: Path, *, tracking_uri: str, elapsed_s: float) -> 
         "eval": [
             {k: r["aggregate"].get(k) for k in ("benchmark", "role", "score", "score_ci95")} for r in evals
         ],
-        "decision": json.loads(gate[-1].read_text()) if gate else None,
+        "decision": json.loads(read_json(gate[-1])["parameterValues"]["decision"]) if gate else None,
         "tracking_uri": tracking_uri,
     }
 

@@ -198,7 +198,7 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
         for r in range(rounds):
             # Round 0 samples from the base model: the optional `student` input is left out, not None.
             from_student = {"student": student} if student is not None else {}
-            with dsl.ParallelFor(shards.outputs["shards"], name=f"rollout-round-{r}") as shard:
+            with dsl.ParallelFor(shards.output, name=f"rollout-round-{r}") as shard:
                 roll = _gpu(
                     rollout_op(
                         config=config,
@@ -214,7 +214,7 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
                 parts=dsl.Collected(roll.outputs["rollout"]), filenames=["completions.jsonl"]
             )
             _cpu(rollouts, cluster).set_display_name(f"Gather rollouts (round {r})")
-            with dsl.ParallelFor(shards.outputs["shards"], name=f"score-round-{r}") as shard:
+            with dsl.ParallelFor(shards.output, name=f"score-round-{r}") as shard:
                 sc = _gpu(
                     score_op(
                         config=config,

@@ -2,7 +2,7 @@
 
 End-to-end runs use `tiny:llama` (2 random layers, the real SmolLM2 tokenizer) on a handful of real MBPP and
 CommonsenseQA training items prepared by `run_prepare`; the retrieval checks use hand-made sets whose
-nearest neighbours are obvious. Generation is capped at 16 tokens to keep the file fast.
+nearest neighbours are obvious. Generation is capped at 8 tokens to keep the file fast.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from unisd.contexts import (
     judge_candidate,
     mc_fallback,
     nearest_neighbours,
+    pick_retriever,
     random_donors,
     resolve_minilm_dir,
     retrieve,
@@ -168,6 +169,13 @@ def test_retrieval_finds_the_obvious_neighbour(retriever):
     for i, nb in enumerate(neighbours):
         assert i not in nb
         assert nb[0] == i ^ 1, f"{retriever}: {recs[i].question!r} → {recs[nb[0]].question!r}"
+
+
+def test_auto_retriever_falls_back_to_bm25_only_without_minilm(tmp_path):
+    assert pick_retriever("auto", None) == (("minilm", MINILM) if MINILM else ("bm25", None))
+    assert pick_retriever("bm25", None) == ("bm25", None)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        pick_retriever("minilm", str(tmp_path))
 
 
 def test_retrieval_views_hold_consecutive_neighbour_slices():

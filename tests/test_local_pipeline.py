@@ -16,7 +16,7 @@ from unisd.cli import main
 
 
 @pytest.mark.slow
-def test_whole_pipeline_runs_locally_and_registers_a_model(tmp_path, monkeypatch, capsys):
+def test_whole_pipeline_runs_locally_and_registers_a_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = yaml.safe_load(open(__file__.replace("tests/test_local_pipeline.py", "configs/demo.yaml")))
     config["model"] = "tiny:llama"
@@ -31,8 +31,8 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(tmp_path, monkeypatch
     path.write_text(yaml.safe_dump(config))
 
     assert main(["run", "--config", str(path)]) == 0
-    out = capsys.readouterr().out
-    summary = json.loads(out[out.index("{") : out.rindex("}") + 1])
+    (summary_file,) = (tmp_path / "kfp").glob("*/summary.json")
+    summary = json.loads(summary_file.read_text())
     assert summary["report_html"] and "<img" in open(summary["report_html"]).read()
     roles = {(e["benchmark"], e["role"]) for e in summary["eval"]}
     assert roles == {(b, r) for b in ("mbpp", "commonsenseqa") for r in ("base", "adapted")}
@@ -43,7 +43,7 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(tmp_path, monkeypatch
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     version = client.get_model_version_by_alias(config["tracking"]["registered_model"], "challenger")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     assert {"pipeline_run_id", "git_sha", "data_hash", "base_model"} <= set(version.tags)
     run = client.get_run(version.run_id)
     assert any(k.startswith("eval/mbpp/") for k in run.data.metrics)

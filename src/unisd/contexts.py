@@ -354,7 +354,9 @@ def induction_messages(examples: Sequence[Record]) -> list[dict[str, str]]:
 def clean_instruction(text: str) -> str:
     """Strip a generated instruction of wrapping quotes/fences and an "Instruction:" / "Output:" label."""
     text = text.strip().strip("`").strip()
-    text = re.sub(r"^\s*(\*\*)?((general\s+)?instruction|output)(\*\*)?\s*:\s*(\*\*)?\s*", "", text, flags=re.I)
+    text = re.sub(
+        r"^\s*(\*\*)?((general\s+)?instruction|output)(\*\*)?\s*:\s*(\*\*)?\s*", "", text, flags=re.I
+    )
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1]
     return text.strip()

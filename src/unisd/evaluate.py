@@ -45,6 +45,7 @@ class EvalConfig(StrictModel):
     sandbox_memory_mb: int = 1024
     sandbox_workers: int | None = None
     retention: bool = True
+    retention_reverse: bool = True  # also greedy-decode the base model to score log p_ft(y_base) (slower)
     reference_fit: bool = True
     bootstrap_samples: int = 1000
     seed: int = 0
@@ -312,13 +313,14 @@ def run_eval(
             aggregate["retention_jsd"] = _flat_mean(
                 symmetric_jsd(base_model, model, prompts, greedy_ids, pad_id=pad_id)
             )
-            base_ids = [
-                ids if ids else [tokenizer.eos_token_id]
-                for ids, _ in generate_completions(base_model, tokenizer, prompts, cfg)
-            ]
-            aggregate["reverse_logp_ft_on_base"] = _flat_mean(
-                sequence_logprobs(model, prompts, base_ids, pad_id=pad_id)
-            )
+            if cfg.retention_reverse:
+                base_ids = [
+                    ids if ids else [tokenizer.eos_token_id]
+                    for ids, _ in generate_completions(base_model, tokenizer, prompts, cfg)
+                ]
+                aggregate["reverse_logp_ft_on_base"] = _flat_mean(
+                    sequence_logprobs(model, prompts, base_ids, pad_id=pad_id)
+                )
     write_jsonl(
         out_dir / "completions.jsonl",
         [
