@@ -25,8 +25,16 @@ from unisd.models import load_model  # noqa: E402
 from unisd.scoring import score_views  # noqa: E402
 
 
-def workload(n_items: int, k: int, pool: int, ctx_len: int, q_len: tuple[int, int], y_len: tuple[int, int],
-             vocab: int, seed: int = 0):
+def workload(
+    n_items: int,
+    k: int,
+    pool: int,
+    ctx_len: int,
+    q_len: tuple[int, int],
+    y_len: tuple[int, int],
+    vocab: int,
+    seed: int = 0,
+):
     rng = random.Random(seed)
     contexts = [[rng.randrange(100, vocab) for _ in range(ctx_len)] for _ in range(pool)]
     rows = []
@@ -77,23 +85,48 @@ def main() -> None:
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = workload(args.items, args.views, args.pool, args.context_len, (40, 90), (48, 96), vocab)
     tokens = sum(len(p) + len(c) for p, c, _ in rows)
-    print(f"model={args.model} device={args.device} dtype={next(model.parameters()).dtype} items={args.items} "
-          f"K={args.views} rows={len(rows)} tokens={tokens} context_pool={args.pool}")
+    print(
+        f"model={args.model} device={args.device} dtype={next(model.parameters()).dtype} items={args.items} "
+        f"K={args.views} rows={len(rows)} tokens={tokens} context_pool={args.pool}"
+    )
     # Warm-up (allocator, kernels) on a few rows, not timed.
     naive(model, rows[:2])
     score_views(model, rows[:4], pad_id=0, batch_size=4, chunk_size=1024, progress=False)
 
     ref, t_naive = timed(lambda: naive(model, rows), args.device)
-    plain, t_plain = timed(lambda: score_views(model, rows, pad_id=0, batch_size=args.batch_size, chunk_size=1024,
-                                               prefix_cache=False, progress=False), args.device)
-    ours, t_ours = timed(lambda: score_views(model, rows, pad_id=0, batch_size=args.batch_size, chunk_size=1024,
-                                             prefix_cache=True, min_shared_prefix=16, progress=False), args.device)
+    plain, t_plain = timed(
+        lambda: score_views(
+            model,
+            rows,
+            pad_id=0,
+            batch_size=args.batch_size,
+            chunk_size=1024,
+            prefix_cache=False,
+            progress=False,
+        ),
+        args.device,
+    )
+    ours, t_ours = timed(
+        lambda: score_views(
+            model,
+            rows,
+            pad_id=0,
+            batch_size=args.batch_size,
+            chunk_size=1024,
+            prefix_cache=True,
+            min_shared_prefix=16,
+            progress=False,
+        ),
+        args.device,
+    )
     diff = max(abs(a - b) for r, o in zip(ref, ours) for a, b in zip(r, o))
     diff_plain = max(abs(a - b) for r, o in zip(ref, plain) for a, b in zip(r, o))
     print(f"{'variant':<38}{'seconds':>10}{'rows/s':>10}{'speed-up':>10}")
-    for name, t in (("naive: HF forward per view per item", t_naive),
-                    ("unisd batched, no prefix cache", t_plain),
-                    ("unisd batched + shared-prefix KV cache", t_ours)):
+    for name, t in (
+        ("naive: HF forward per view per item", t_naive),
+        ("unisd batched, no prefix cache", t_plain),
+        ("unisd batched + shared-prefix KV cache", t_ours),
+    ):
         print(f"{name:<38}{t:>10.2f}{len(rows) / t:>10.1f}{t_naive / t:>9.2f}x")
     print(f"max |Δ logp| vs naive: batched {diff_plain:.2e}, prefix-cached {diff:.2e}")
 

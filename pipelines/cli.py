@@ -92,6 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     tracking_uri = absolute_sqlite_uri(cfg.tracking.tracking_uri, Path.cwd())
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # kfp.local runs ParallelFor iterations at the same time (rollout/scoring shards, the evals): with
+    # torch's default of one thread per core each, they oversubscribe the cores and spin against each
+    # other. One thread per component process keeps a small machine busy without thrashing.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(rounds=rounds, cluster=False, config_path=config_path)
     arguments = pipeline_arguments(cfg, tracking_uri=tracking_uri)

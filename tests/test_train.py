@@ -153,3 +153,23 @@ def test_too_many_empty_completions_is_a_hard_stop(tmp_path):
             rollout_dirs=[rollout],
             out_dir=tmp_path / "out",
         )
+
+
+def test_online_mode_generates_and_scores_inside_the_loop(tmp_path, artifacts):
+    """The colocated protocol: each step's completions come from the current student, not the rollout files."""
+    prepared, contexts, _, _ = artifacts
+    objective = preset("agreement_tok_induced")
+    logged = []
+    manifest = run_train(
+        _cfg(mode="online", max_steps=2, online_max_new_tokens=6),
+        objective,
+        model_spec=SPEC,
+        prepared_dir=prepared,
+        contexts_dir=contexts,
+        out_dir=tmp_path / "online",
+        log_metrics=lambda m, step: logged.append(m),
+    )
+    assert manifest["counts"]["steps"] == 2
+    # Agreement weights were computed from views scored online (not all exactly 1).
+    assert all("agreement/weight_mean" in m for m in logged)
+    assert any(m["agreement/weight_min"] < 1.0 for m in logged)
