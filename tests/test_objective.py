@@ -21,15 +21,8 @@ from unisd.objective import (
     window_normalizers,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: on a shared, oversubscribed 2-core machine OpenMP synchronisation between two
-    threads costs 100x the work (measured 4 ms vs 0.6-1.7 s for one chunked call). Restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny tensors: single-threaded torch (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"

@@ -9,15 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from unisd.teacher import EMATeacher, FrozenTeacher, LoraEMATeacher, build_teacher, unwrap_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: on a shared, oversubscribed 2-core machine OpenMP synchronisation between two
-    threads costs 100x the work (measured 4 ms vs 0.6-1.7 s for one chunked call). Restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny tensors: single-threaded torch (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -29,7 +29,13 @@ from unisd.artifacts import Timer, read_jsonl, write_json, write_jsonl, write_ma
 from unisd.config import StrictModel
 from unisd.data import encode_prompt, student_messages
 from unisd.data.records import Record
-from unisd.sequences import build_teacher_forcing_batch, completion_hidden, lm_head_of, logit_softcap_of
+from unisd.sequences import (
+    build_teacher_forcing_batch,
+    completion_hidden,
+    lm_head_of,
+    logit_softcap_of,
+    split_by_lengths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +132,7 @@ def symmetric_jsd(
         jsd = chunked_token_divergence(
             h_a, head_a, h_b, head_b, kind="jsd", beta=0.5, logit_softcap=logit_softcap_of(model_a)
         )
-        pos = 0
-        for n in mask.sum(1).tolist():
-            out.append(jsd[pos : pos + n].tolist())
-            pos += n
+        out.extend(split_by_lengths(jsd, mask.sum(1).tolist()))
     return out
 
 

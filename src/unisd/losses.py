@@ -436,6 +436,24 @@ def _check_tokens(tokens: Tensor, n: int, vocab: int) -> Tensor:
     return tokens.long()
 
 
+def _checked_teacher_head(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head_weight: Tensor | None,
+) -> Tensor:
+    """Validate student/teacher hidden states and heads; the (detached) head the teacher reads."""
+    _check_head_inputs(student_hidden, student_head_weight, "student")
+    n, hidden_size = student_hidden.shape
+    t_weight = teacher_head_weight if teacher_head_weight is not None else student_head_weight
+    _check_head_inputs(teacher_hidden, t_weight, "teacher", rows=n, hidden_size=hidden_size)
+    if t_weight.shape[0] != student_head_weight.shape[0]:
+        raise ValueError(
+            f"teacher head has {t_weight.shape[0]} rows, student head {student_head_weight.shape[0]}"
+        )
+    return t_weight.detach()
+
+
 class DivergenceAndLogprobs(NamedTuple):
     divergence: Tensor  # [N] D_t, differentiable w.r.t. student hidden / head
     student_logps: Tensor  # [N] log p^S(y_t) at the loss temperature, differentiable
@@ -464,21 +482,9 @@ def chunked_divergence_and_logprobs(
     The contrastive term needs ℓ^S and ℓ^+ at the loss temperature: this gives both without a
     second pass over the vocabulary.
     """
-    _check_head_inputs(student_hidden, student_head_weight, "student")
-    n, hidden_size = student_hidden.shape
-    _check_head_inputs(
-        teacher_hidden,
-        teacher_head_weight if teacher_head_weight is not None else student_head_weight,
-        "teacher",
-        rows=n,
-        hidden_size=hidden_size,
-    )
-    vocab = student_head_weight.shape[0]
-    if teacher_head_weight is not None and teacher_head_weight.shape[0] != vocab:
-        raise ValueError(f"teacher head has {teacher_head_weight.shape[0]} rows, student head {vocab}")
-    tokens = _check_tokens(tokens, n, vocab)
+    t_weight = _checked_teacher_head(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight)
+    tokens = _check_tokens(tokens, student_hidden.shape[0], student_head_weight.shape[0])
     spec = _make_spec(kind, beta, alpha, temperature, chunk_size, logit_softcap)
-    t_weight = (teacher_head_weight if teacher_head_weight is not None else student_head_weight).detach()
     div, s_logp, t_logp = _ChunkedHeadFunction.apply(
         student_hidden, student_head_weight, teacher_hidden.detach(), t_weight, tokens, spec
     )
@@ -505,17 +511,10 @@ def chunked_token_divergence(
     softcap(h Wᵀ)/τ in fp32. Gradients reach student_hidden and student_head_weight (when it
     requires grad) through a per-chunk recompute.
     """
-    _check_head_inputs(student_hidden, student_head_weight, "student")
-    n, hidden_size = student_hidden.shape
-    t_weight = teacher_head_weight if teacher_head_weight is not None else student_head_weight
-    _check_head_inputs(teacher_hidden, t_weight, "teacher", rows=n, hidden_size=hidden_size)
-    if t_weight.shape[0] != student_head_weight.shape[0]:
-        raise ValueError(
-            f"teacher head has {t_weight.shape[0]} rows, student head {student_head_weight.shape[0]}"
-        )
+    t_weight = _checked_teacher_head(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight)
     spec = _make_spec(kind, beta, alpha, temperature, chunk_size, logit_softcap)
     div, _, _ = _ChunkedHeadFunction.apply(
-        student_hidden, student_head_weight, teacher_hidden.detach(), t_weight.detach(), None, spec
+        student_hidden, student_head_weight, teacher_hidden.detach(), t_weight, None, spec
     )
     return div
 

@@ -48,7 +48,8 @@ from unisd.sequences import (
     decoder_of,
     lm_head_of,
     logit_softcap_of,
-    pad_ragged,
+    split_by_lengths,
+    stack_views,
 )
 
 log = logging.getLogger(__name__)
@@ -113,11 +114,8 @@ def _score_rows_plain(
         want_entropy=want_entropy,
     )
     lengths = mask.sum(1).tolist()
-    out, pos = [], 0
-    for n in lengths:
-        out.append((logps[pos : pos + n].tolist(), ent[pos : pos + n].tolist() if ent is not None else None))
-        pos += n
-    return out
+    entropies = split_by_lengths(ent, lengths) if ent is not None else [None] * len(lengths)
+    return list(zip(split_by_lengths(logps, lengths), entropies))
 
 
 def _score_rows_with_prefix(
@@ -161,11 +159,7 @@ def _score_rows_with_prefix(
         softcap=logit_softcap_of(model),
         want_entropy=False,
     )
-    out, pos = [], 0
-    for n in mask.sum(1).tolist():
-        out.append(logps[pos : pos + n].tolist())
-        pos += n
-    return out
+    return split_by_lengths(logps, mask.sum(1).tolist())
 
 
 def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
@@ -375,11 +369,8 @@ def run_scoring(
             flat_views[k, offsets[n] : offsets[n + 1]] = torch.tensor(per_view[k])
     weights = torch.ones(total)
     if chosen_items and num_views >= 2:
-        chosen_t = torch.tensor(chosen_items)
-        t_max = max(lengths[n] for n in chosen_items)
-        mask = pad_ragged([[1.0] * lengths[n] for n in chosen_items], length=t_max).bool()
-        stacked = torch.stack(
-            [pad_ragged([view_logps[n][k] for n in chosen_items], length=t_max) for k in range(num_views)]
+        stacked, mask = stack_views(
+            [torch.tensor(view_logps[n], dtype=torch.float32).reshape(num_views, -1) for n in chosen_items]
         )
         from unisd.objective import ObjectiveConfig
 
@@ -395,7 +386,7 @@ def run_scoring(
             cap=objective.agreement_cap,
             faithful=True,  # the shard is the batch here: these weights are for inspection only
         )
-        for j, n in enumerate(chosen_t.tolist()):
+        for j, n in enumerate(chosen_items):
             weights[offsets[n] : offsets[n + 1]] = w[j, : lengths[n]]
     tensors = {
         "offsets": offsets,

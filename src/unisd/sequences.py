@@ -105,13 +105,17 @@ def completion_hidden(model, batch: TeacherForcingBatch) -> torch.Tensor:
     return hidden.gather(1, index)
 
 
-def pad_ragged(
-    rows: Sequence[Sequence[float]], *, value: float = 0.0, length: int | None = None
-) -> torch.Tensor:
-    """Right-pad a ragged list of float lists into [N, T] (T = max length, or `length`)."""
-    width = length if length is not None else max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), max(width, 1)), value, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        if len(r):
-            out[i, : len(r)] = torch.as_tensor(list(r)[:width], dtype=torch.float32)
-    return out
+def split_by_lengths(flat: torch.Tensor, lengths: Sequence[int]) -> list[list[float]]:
+    """[sum(lengths)] per-token values (rows concatenated) → one list per row."""
+    return [part.tolist() for part in torch.split(flat.detach().cpu(), list(lengths))]
+
+
+def stack_views(per_item: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K views' per-token values of B items ([K, T_i] each) → ([K, B, T] zero-padded, mask [B, T])."""
+    lengths = [v.shape[1] for v in per_item]
+    width = max(1, max(lengths))
+    views = torch.zeros(per_item[0].shape[0], len(per_item), width)
+    for b, v in enumerate(per_item):
+        views[:, b, : v.shape[1]] = v
+    mask = torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    return views, mask

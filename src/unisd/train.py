@@ -39,7 +39,13 @@ import torch
 from unisd.artifacts import Timer, read_json, read_jsonl, write_json, write_jsonl, write_manifest
 from unisd.config import StrictModel
 from unisd.objective import ObjectiveConfig, compute_objective
-from unisd.sequences import build_teacher_forcing_batch, completion_hidden, lm_head_of, logit_softcap_of
+from unisd.sequences import (
+    build_teacher_forcing_batch,
+    completion_hidden,
+    lm_head_of,
+    logit_softcap_of,
+    stack_views,
+)
 
 log = logging.getLogger(__name__)
 
@@ -393,11 +399,7 @@ def window_weights(
         scored = [it for it in group if it.get("view_logps") is not None]
         if not scored:
             continue
-        mask = _completion_mask(scored)
-        t_max = mask.shape[1]
-        views = torch.zeros(scored[0]["view_logps"].shape[0], len(scored), t_max)
-        for b, it in enumerate(scored):
-            views[:, b, : it["view_logps"].shape[1]] = it["view_logps"]
+        views, mask = stack_views([it["view_logps"] for it in scored])
         weights = agreement_weights(
             views,
             mask,
