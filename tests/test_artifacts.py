@@ -45,3 +45,18 @@ def test_manifest_skip_logic(tmp_path):
     assert completed_manifest(out, "other") is None
     (src / "x.jsonl").write_text("2\n")
     assert hash_files([src], extra={"k": 1}) != h1
+
+
+def test_partial_jsonl_drops_and_cuts_a_torn_last_line(tmp_path):
+    from unisd.artifacts import read_partial_jsonl
+
+    path = tmp_path / "partial.jsonl"
+    assert read_partial_jsonl(path) == []
+    path.write_text('{"id": 1}\n{"id": 2}\n{"id": 3, "te')  # killed while appending row 3
+    assert read_partial_jsonl(path) == [{"id": 1}, {"id": 2}]
+    with open(path, "a") as f:  # the resumed writer appends on a fresh line
+        f.write('{"id": 3}\n')
+    assert read_partial_jsonl(path) == [{"id": 1}, {"id": 2}, {"id": 3}]
+    path.write_text('{"id": 1}\n{"id": oops}\n{"id": 3}\n')  # corruption mid-file is an error, not a tear
+    with pytest.raises(ValueError, match="line 2"):
+        read_partial_jsonl(path)

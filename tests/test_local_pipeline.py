@@ -33,7 +33,9 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(tmp_path, monkeypatch
     assert main(["run", "--config", str(path)]) == 0
     (summary_file,) = (tmp_path / "kfp").glob("*/summary.json")
     summary = json.loads(summary_file.read_text())
-    assert summary["report_html"] and "<img" in open(summary["report_html"]).read()
+    report_html = open(summary["report_html"]).read()
+    assert "<img" in report_html
+    assert "gamma" in report_html and "0.001" in report_html  # the run's γ (UniSD*) is in the run table
     roles = {(e["benchmark"], e["role"]) for e in summary["eval"]}
     assert roles == {(b, r) for b in ("mbpp", "commonsenseqa") for r in ("base", "adapted")}
     decision = summary["decision"]

@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+import yaml
 
 from unisd.artifacts import write_jsonl
 from unisd.objective import preset
@@ -138,6 +145,71 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, artifacts):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert abs(full["counts"]["final"]["loss"] - resumed["counts"]["final"]["loss"]) <= 1e-6
+
+
+def _train_cli(config, artifacts, out):
+    prepared, contexts, rollout, scores = artifacts
+    paths = ["--prepared", prepared, "--contexts", contexts, "--rollouts", rollout, "--scores", scores]
+    return [sys.executable, "-m", "unisd", "train", "--config", config, *paths, "--out", out]
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, artifacts):
+    """`unisd train` as a real process, SIGKILLed at a random moment after a random step (inside a step
+    or a checkpoint write), then restarted: same final weights and loss as a run never killed."""
+    total_steps = 12
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": SPEC,
+                "preset": "unisd_star",
+                "objective": {"ema_every": 1},
+                "train": {
+                    "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+                    "lr": 1e-3,
+                    "micro_batch_size": 2,
+                    "grad_accum": 2,
+                    "max_steps": total_steps,
+                    "checkpoint_every": 1,
+                    "seed": 3,
+                    "save_merged": False,
+                },
+            }
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_train_cli(config, artifacts, full), env=env, check=True, capture_output=True, timeout=600)
+
+    rng = random.Random()
+    kill_after_step = rng.randint(1, total_steps // 2)
+    proc = subprocess.Popen(
+        _train_cli(config, artifacts, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 600
+    while True:
+        assert proc.poll() is None, "train exited before it could be killed"
+        assert time.monotonic() < deadline
+        ckpt = latest_checkpoint(killed / "checkpoints") if (killed / "checkpoints").exists() else None
+        if ckpt is not None and int(ckpt.name.removeprefix("step-")) >= kill_after_step:
+            break
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 0.05))  # somewhere inside the next step or checkpoint write
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (killed / "manifest.json").exists()  # it really died before finishing
+
+    subprocess.run(
+        _train_cli(config, artifacts, killed), env=env, check=True, capture_output=True, timeout=600
+    )
+    a, b = _final_weights(full), _final_weights(killed)
+    assert a.keys() == b.keys()
+    assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    loss_full = json.loads((full / "manifest.json").read_text())["counts"]["final"]["loss"]
+    loss_killed = json.loads((killed / "manifest.json").read_text())["counts"]["final"]["loss"]
+    assert abs(loss_full - loss_killed) <= 1e-6
 
 
 def test_too_many_empty_completions_is_a_hard_stop(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 from unisd import __version__
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -82,6 +84,33 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
+    return rows
+
+
+def read_partial_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of an append-only progress file (`partial.jsonl`); [] when it does not exist.
+
+    A process killed mid-append leaves a torn last line: that row is dropped (its batch is simply redone)
+    and cut from the file too, so the next append starts on a fresh line. A bad line anywhere else is
+    corruption and raises like `read_jsonl`.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1  # bytes up to the last newline
+    if complete < len(data):
+        log.warning("%s: dropping a torn last line (an interrupted write)", path)
+        with open(path, "r+b") as f:
+            f.truncate(complete)
+    rows = []
+    for lineno, line in enumerate(data[:complete].decode().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON: {err.msg}") from err
     return rows
 
 

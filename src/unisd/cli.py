@@ -148,7 +148,3 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: a clear one-line error (file, row, field) instead of a traceback.
         print(f"unisd {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
+from unisd.artifacts import write_text
 from unisd.cli import command
 
 
@@ -148,7 +150,12 @@ def cmd_train(args):
 def _eval_args(p):
     _config_args(p)
     p.add_argument("--prepared", required=True)
-    p.add_argument("--benchmark", required=True)
+    p.add_argument(
+        "--benchmark",
+        required=True,
+        help="a benchmark, a comma-separated list, or 'all' (every eval file in --prepared); "
+        "with more than one, results go to OUT/<benchmark>/ and OUT/table.md",
+    )
     p.add_argument("--base", default=None, help="base model spec for retention metrics")
     p.add_argument("--out", required=True)
 
@@ -158,15 +165,27 @@ def cmd_eval(args):
     from unisd.evaluate import results_table, run_eval
 
     cfg, model = _load(args)
-    results = run_eval(
-        cfg.eval,
-        model_spec=model,
-        benchmark=args.benchmark,
-        prepared_dir=args.prepared,
-        out_dir=args.out,
-        base_spec=args.base,
-    )
-    print(results_table([results["aggregate"]]))
+    if args.benchmark == "all":
+        benchmarks = sorted(p.stem for p in (Path(args.prepared) / "eval").glob("*.jsonl"))
+    else:
+        benchmarks = [b.strip() for b in args.benchmark.split(",") if b.strip()]
+    if not benchmarks:
+        raise SystemExit(f"--benchmark {args.benchmark!r}: no benchmarks (is {args.prepared}/eval empty?)")
+    aggregates = []
+    for benchmark in benchmarks:
+        results = run_eval(
+            cfg.eval,
+            model_spec=model,
+            benchmark=benchmark,
+            prepared_dir=args.prepared,
+            out_dir=args.out if len(benchmarks) == 1 else Path(args.out) / benchmark,
+            base_spec=args.base,
+        )
+        aggregates.append(results["aggregate"])
+    table = results_table(aggregates)
+    if len(benchmarks) > 1:
+        write_text(Path(args.out) / "table.md", table)
+    print(table)
     return 0
 
 

@@ -15,8 +15,12 @@ Results: `results.json` (aggregates with 95% bootstrap CIs + per-item scores for
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,15 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from unisd.artifacts import Timer, read_jsonl, write_json, write_jsonl, write_manifest, write_text
+from unisd.artifacts import (
+    Timer,
+    read_jsonl,
+    read_partial_jsonl,
+    write_json,
+    write_jsonl,
+    write_manifest,
+    write_text,
+)
 from unisd.config import StrictModel
 from unisd.data import encode_prompt, student_messages
 from unisd.data.records import Record
@@ -53,7 +65,7 @@ class EvalConfig(StrictModel):
     retention: bool = True
     retention_reverse: bool = True  # also greedy-decode the base model to score log p_ft(y_base) (slower)
     reference_fit: bool = True
-    bootstrap_samples: int = 1000
+    bootstrap_samples: int = Field(1000, ge=100)  # fewer makes the 95% interval ends noise
     seed: int = 0
 
 
@@ -62,9 +74,21 @@ class EvalConfig(StrictModel):
 
 
 def generate_completions(
-    model, tokenizer, prompts: Sequence[list[int]], cfg: EvalConfig, *, sample: bool = False
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    cfg: EvalConfig,
+    *,
+    sample: bool = False,
+    progress_file: Path | None = None,
+    progress_key: str = "",
 ) -> list[tuple[list[int], bool]]:
-    """Greedy (or sampled) completions in batches, with a progress bar."""
+    """Greedy (or sampled) completions in batches, with a progress bar.
+
+    With `progress_file`, every finished batch is appended there and a rerun skips the batches already
+    in it (a killed eval loses at most one batch). A row is reused only if it was made from the same
+    prompt under the same `progress_key` (model + decoding settings), so a changed run starts over.
+    """
     from unisd.rollout import RolloutConfig, generate_hf
 
     rcfg = RolloutConfig(
@@ -73,13 +97,33 @@ def generate_completions(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )
-    out: list[tuple[list[int], bool]] = []
-    for b in tqdm(range(0, len(prompts), cfg.batch_size), desc="eval generate", unit="batch"):
-        for ids, finished, _ in generate_hf(
-            model, tokenizer, prompts[b : b + cfg.batch_size], rcfg, first_index=b
-        ):
-            out.append((ids, finished))
-    return out
+
+    def row_key(index: int) -> str:
+        blob = json.dumps([progress_key, rcfg.model_dump(), index, list(prompts[index])])
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    done: dict[int, tuple[list[int], bool]] = {}
+    if progress_file is not None:
+        for row in read_partial_jsonl(progress_file):
+            i = row["index"]
+            if i < len(prompts) and row["key"] == row_key(i):
+                done[i] = (row["ids"], row["finished"])
+        progress_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(progress_file, "a") if progress_file is not None else contextlib.nullcontext() as sink:
+        for b in tqdm(range(0, len(prompts), cfg.batch_size), desc="eval generate", unit="batch"):
+            batch = range(b, min(b + cfg.batch_size, len(prompts)))
+            if all(i in done for i in batch):
+                continue
+            results = generate_hf(model, tokenizer, [prompts[i] for i in batch], rcfg, first_index=b)
+            for i, (ids, finished, _) in zip(batch, results):
+                done[i] = (ids, finished)
+                if sink is not None:
+                    sink.write(
+                        json.dumps({"index": i, "key": row_key(i), "ids": ids, "finished": finished}) + "\n"
+                    )
+            if sink is not None:
+                sink.flush()
+    return [done[i] for i in range(len(prompts))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,10 +310,21 @@ def run_eval(
     prompts = [encode_prompt(tokenizer, student_messages(r)) for r in records]
     with timer("generate"):
         n = cfg.num_samples
-        generated = generate_completions(model, tokenizer, prompts, cfg)
+        progress = out_dir / "progress"  # per-batch progress: a killed eval resumes where it stopped
+        generated = generate_completions(
+            model, tokenizer, prompts, cfg, progress_file=progress / "greedy.jsonl", progress_key=model_spec
+        )
         samples = [[tokenizer.decode(ids, skip_special_tokens=True)] for ids, _ in generated]
-        for _ in range(n - 1):
-            extra = generate_completions(model, tokenizer, prompts, cfg, sample=True)
+        for j in range(n - 1):
+            extra = generate_completions(
+                model,
+                tokenizer,
+                prompts,
+                cfg.model_copy(update={"seed": cfg.seed + 1_000_003 * (j + 1)}),
+                sample=True,
+                progress_file=progress / f"sample-{j + 1}.jsonl",
+                progress_key=model_spec,
+            )
             for s, (ids, _) in zip(samples, extra):
                 s.append(tokenizer.decode(ids, skip_special_tokens=True))
     with timer("score"):
@@ -319,7 +374,14 @@ def run_eval(
             if cfg.retention_reverse:
                 base_ids = [
                     ids if ids else [tokenizer.eos_token_id]
-                    for ids, _ in generate_completions(base_model, tokenizer, prompts, cfg)
+                    for ids, _ in generate_completions(
+                        base_model,
+                        tokenizer,
+                        prompts,
+                        cfg,
+                        progress_file=progress / "base-greedy.jsonl",
+                        progress_key=base_spec,
+                    )
                 ]
                 aggregate["reverse_logp_ft_on_base"] = _flat_mean(
                     sequence_logprobs(model, prompts, base_ids, pad_id=pad_id)
@@ -342,6 +404,7 @@ def run_eval(
         counts={"items": len(records)},
         timings=timer.timings,
     )
+    shutil.rmtree(progress, ignore_errors=True)  # everything it held is in completions.jsonl now
     return results
 
 

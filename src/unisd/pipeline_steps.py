@@ -320,7 +320,13 @@ def report(
         weights=weights,
         eval_aggregates=[r["aggregate"] for r in load_eval_dirs(eval_dirs)],
         promotion=json.loads(decision_json) if decision_json else None,
-        run_info={"model": cfg.model, "preset": cfg.preset, "mlflow_run_id": run_id, "git_sha": git_sha()},
+        run_info={
+            "model": cfg.model,
+            "preset": cfg.preset,
+            "gamma": cfg.objective_config().agreement_gamma,
+            "mlflow_run_id": run_id,
+            "git_sha": git_sha(),
+        },
     )
     Path(out_html).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(paths["html"], out_html)

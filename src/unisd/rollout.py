@@ -36,6 +36,7 @@ from unisd.artifacts import (
     completed_manifest,
     hash_files,
     read_jsonl,
+    read_partial_jsonl,
     write_jsonl,
     write_manifest,
 )
@@ -251,7 +252,7 @@ def run_rollout(
     items = items[start:end]
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / "partial.jsonl"
-    done_rows = {r["id"]: r for r in read_jsonl(partial)} if partial.exists() else {}
+    done_rows = {r["id"]: r for r in read_partial_jsonl(partial)}
     todo = [(start + i, it) for i, it in enumerate(items) if it["id"] not in done_rows]
     backend = pick_backend(cfg.backend)
     with timer("load"):
