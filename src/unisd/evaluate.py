@@ -386,6 +386,7 @@ def run_eval(
                 aggregate["reverse_logp_ft_on_base"] = _flat_mean(
                     sequence_logprobs(model, prompts, base_ids, pad_id=pad_id)
                 )
+    aggregate["eval_s"] = round(sum(timer.timings.values()), 1)  # this process's wall time (load → fit)
     write_jsonl(
         out_dir / "completions.jsonl",
         [
@@ -429,6 +430,7 @@ def results_table(aggregates: Sequence[dict[str, Any]]) -> str:
         "reference_nll",
         "retention_ppl",
         "retention_jsd",
+        "eval_s",
     ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for agg in aggregates:
