@@ -72,18 +72,22 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    rows = []
     with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON: {err.msg}") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+        return _parse_jsonl_lines(path, f)
+
+
+def _parse_jsonl_lines(path: Path, lines: Iterable[str]) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON: {err.msg}") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
@@ -103,15 +107,7 @@ def read_partial_jsonl(path: str | Path) -> list[dict[str, Any]]:
         log.warning("%s: dropping a torn last line (an interrupted write)", path)
         with open(path, "r+b") as f:
             f.truncate(complete)
-    rows = []
-    for lineno, line in enumerate(data[:complete].decode().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {lineno}: not valid JSON: {err.msg}") from err
-    return rows
+    return _parse_jsonl_lines(path, data[:complete].decode().splitlines())
 
 
 def hash_files(paths: Iterable[str | Path], extra: Any = None) -> str:

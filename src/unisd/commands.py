@@ -170,7 +170,7 @@ def cmd_eval(args):
     else:
         benchmarks = [b.strip() for b in args.benchmark.split(",") if b.strip()]
     if not benchmarks:
-        raise SystemExit(f"--benchmark {args.benchmark!r}: no benchmarks (is {args.prepared}/eval empty?)")
+        raise ValueError(f"--benchmark {args.benchmark!r}: no benchmarks (is {args.prepared}/eval empty?)")
     aggregates = []
     for benchmark in benchmarks:
         results = run_eval(

@@ -15,7 +15,6 @@ Results: `results.json` (aggregates with 95% bootstrap CIs + per-item scores for
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -79,15 +78,15 @@ def generate_completions(
     prompts: Sequence[list[int]],
     cfg: EvalConfig,
     *,
+    progress_file: Path,
+    progress_key: str,
     sample: bool = False,
-    progress_file: Path | None = None,
-    progress_key: str = "",
 ) -> list[tuple[list[int], bool]]:
     """Greedy (or sampled) completions in batches, with a progress bar.
 
-    With `progress_file`, every finished batch is appended there and a rerun skips the batches already
-    in it (a killed eval loses at most one batch). A row is reused only if it was made from the same
-    prompt under the same `progress_key` (model + decoding settings), so a changed run starts over.
+    Every finished batch is appended to `progress_file` and a rerun skips the batches already in it (a
+    killed eval loses at most one batch). A row is reused only if it was made from the same prompt under
+    the same `progress_key` (the model) and decoding settings, so a changed run starts over.
     """
     from unisd.rollout import RolloutConfig, generate_hf
 
@@ -97,19 +96,18 @@ def generate_completions(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )
+    settings = json.dumps([progress_key, rcfg.model_dump()])
 
     def row_key(index: int) -> str:
-        blob = json.dumps([progress_key, rcfg.model_dump(), index, list(prompts[index])])
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return hashlib.sha256(json.dumps([settings, index, list(prompts[index])]).encode()).hexdigest()
 
     done: dict[int, tuple[list[int], bool]] = {}
-    if progress_file is not None:
-        for row in read_partial_jsonl(progress_file):
-            i = row["index"]
-            if i < len(prompts) and row["key"] == row_key(i):
-                done[i] = (row["ids"], row["finished"])
-        progress_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(progress_file, "a") if progress_file is not None else contextlib.nullcontext() as sink:
+    for row in read_partial_jsonl(progress_file):
+        i = row["index"]
+        if i < len(prompts) and row["key"] == row_key(i):
+            done[i] = (row["ids"], row["finished"])
+    progress_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(progress_file, "a") as sink:
         for b in tqdm(range(0, len(prompts), cfg.batch_size), desc="eval generate", unit="batch"):
             batch = range(b, min(b + cfg.batch_size, len(prompts)))
             if all(i in done for i in batch):
@@ -117,12 +115,10 @@ def generate_completions(
             results = generate_hf(model, tokenizer, [prompts[i] for i in batch], rcfg, first_index=b)
             for i, (ids, finished, _) in zip(batch, results):
                 done[i] = (ids, finished)
-                if sink is not None:
-                    sink.write(
-                        json.dumps({"index": i, "key": row_key(i), "ids": ids, "finished": finished}) + "\n"
-                    )
-            if sink is not None:
-                sink.flush()
+                sink.write(
+                    json.dumps({"index": i, "key": row_key(i), "ids": ids, "finished": finished}) + "\n"
+                )
+            sink.flush()
     return [done[i] for i in range(len(prompts))]
 
 
@@ -320,6 +316,8 @@ def run_eval(
                 model,
                 tokenizer,
                 prompts,
+                # generate_hf seeds each batch with seed + first_index: offsets this far apart keep
+                # every round's batches on distinct seeds (identical seeds = identical samples).
                 cfg.model_copy(update={"seed": cfg.seed + 1_000_003 * (j + 1)}),
                 sample=True,
                 progress_file=progress / f"sample-{j + 1}.jsonl",
