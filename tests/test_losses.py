@@ -65,14 +65,18 @@ def ref_divergence(
     raise AssertionError(kind)
 
 
-def ref_sequence_mean(values, mask, weights=None):
-    """mean_i Σ_t m w v / max(1, Σ_t m w), with python loops over sequences."""
+def ref_sequence_mean(values, mask, weights=None, *, faithful=False):
+    """mean over non-empty sequences of Σ_t m w v / max(1, Σ_t m), with python loops over sequences.
+
+    faithful (the reference): Σ_t m w v / max(1, Σ_t m w), mean over every sequence (empty ones too)."""
     weights = torch.ones_like(values) if weights is None else weights
     per_seq = []
     for i in range(values.shape[0]):
         m = mask[i].double()
+        if not faithful and m.sum() == 0:
+            continue
         num = (m * weights[i] * values[i]).sum()
-        den = max(1.0, float((m * weights[i]).sum()))
+        den = max(1.0, float((m * weights[i]).sum() if faithful else m.sum()))
         per_seq.append(num / den)
     return torch.stack(per_seq).mean()
 
@@ -424,7 +428,7 @@ def test_distillation_loss_matches_float64_reference(clip, style):
     d, w = d_full.reshape(-1)[flat_index], w_full.reshape(-1)[flat_index]
     c = {"none": math.inf, "static": 10.0, "quantile": torch.quantile(d, 0.75).item()}[clip]
     clipped = d_full.clamp(max=c)
-    for reduction in ("sequence_mean", "token_mean"):
+    for reduction, faithful in (("sequence_mean", False), ("sequence_mean", True), ("token_mean", False)):
         loss, stats = distillation_loss(
             d,
             seq_ids,
@@ -435,13 +439,39 @@ def test_distillation_loss_matches_float64_reference(clip, style):
             clip_quantile=0.75,
             clip_style=style,
             reduction=reduction,
+            faithful=faithful,
         )
         if reduction == "sequence_mean":
-            expected = ref_sequence_mean(clipped, mask, w_full)
+            expected = ref_sequence_mean(clipped, mask, w_full, faithful=faithful)
         else:
             expected = (mask * w_full * clipped).sum() / (mask * w_full).sum()
         assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
         assert stats["kd/div_mean"] == pytest.approx(d.mean().item())
+
+
+def test_sequence_weights_scale_the_loss_and_cancel_only_in_the_faithful_form():
+    """ALGORITHM.md: with w_it = w_i the reference's Σ w D / Σ w cancels w_i (sequence agreement = plain
+    SD); ours divides by the token count, so w_i scales sequence i's contribution and its gradient."""
+    mask = ragged_mask([5, 3, 0], 5)
+    flat_index, seq_ids = flatten_valid(mask)
+    d = (torch.rand(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2).reshape(-1)[
+        flat_index
+    ]
+    per_seq_w = torch.tensor([0.2, 0.9, 0.5], dtype=torch.float64)
+    w = per_seq_w[seq_ids]
+    plain = reduce_per_token(d, seq_ids, 3)
+    ours = reduce_per_token(d, seq_ids, 3, weights=w)
+    faithful = reduce_per_token(d, seq_ids, 3, weights=w, faithful=True)
+    means = [d[seq_ids == i].mean() for i in (0, 1)]
+    assert plain.item() == pytest.approx(float(sum(means) / 2), rel=1e-12)  # the empty row leaves the mean
+    assert ours.item() == pytest.approx(float((0.2 * means[0] + 0.9 * means[1]) / 2), rel=1e-12)
+    assert faithful.item() == pytest.approx(
+        float(sum(means) / 3), rel=1e-12
+    )  # cancels w, counts the empty row
+    values = d.clone().requires_grad_()
+    (g_ours,) = torch.autograd.grad(reduce_per_token(values, seq_ids, 3, weights=w), values)
+    (g_plain,) = torch.autograd.grad(reduce_per_token(values, seq_ids, 3), values)
+    torch.testing.assert_close(g_ours, g_plain * w)
 
 
 def test_token_mean_accumulation_divides_once():

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
 EXPECTED_PRESETS = {
     "sd",
+    "sft",
     "agreement_tok_random",
     "agreement_tok_retrieval",
     "agreement_tok_induced",
@@ -158,7 +159,10 @@ def ref_objective(cfg: ObjectiveConfig, hs, ws, ht, wt, tokens, mask, weights, n
     m = mask.double()
 
     def seq_mean(values, wts):
-        return ((m * wts * values).sum(-1) / (m * wts).sum(-1).clamp_min(1)).mean()
+        if cfg.faithful:  # the reference: ÷ summed weight, every row in the batch mean
+            return ((m * wts * values).sum(-1) / (m * wts).sum(-1).clamp_min(1)).mean()
+        rows = m.sum(-1) > 0  # ours: ÷ token count, empty rows leave the mean
+        return ((m * wts * values).sum(-1) / m.sum(-1).clamp_min(1))[rows].mean()
 
     def tok_mean(values, wts):
         return (m * wts * values).sum() / (m * wts).sum()
@@ -193,6 +197,13 @@ def ref_token_agreement(views, mask, gamma, q=0.95, cap=10.0):
     delta = views.var(0, unbiased=True)
     s = torch.quantile(delta[valid], q).clamp_min(1e-6)
     return (1 / (1 + gamma * (delta / s).clamp(max=cap))).clamp_min(0.01) * mask
+
+
+def ref_sequence_agreement(views, mask, gamma):
+    m = mask.double()
+    seq_means = (views * m).sum(-1) / m.sum(-1).clamp_min(1)  # [K, B]
+    delta = seq_means.var(0, unbiased=False)
+    return torch.exp(-gamma * delta).clamp_min(1e-6)[:, None] * m
 
 
 def make_batch(b=3, t=6, h=8, v=40, lengths=(6, 2, 4), seed=0, k=3):
@@ -238,6 +249,8 @@ CASES = {
         chunk_size=2,
     ),
     "match_repr": preset("match_repr"),
+    "agreement_seq_ours": ObjectiveConfig(agreement="sequence", agreement_gamma=1.0),
+    "agreement_seq_faithful": ObjectiveConfig(agreement="sequence", agreement_gamma=1.0, faithful=True),
 }
 
 
@@ -262,9 +275,8 @@ def test_compute_objective_matches_float64_reference(case):
 
     hs64 = batch["student_hidden"].double().requires_grad_()
     w64 = batch["student_head_weight"].double()
-    weights = (
-        ref_token_agreement(views.double(), batch["mask"], cfg.agreement_gamma) if views is not None else None
-    )
+    ref_agreement = ref_sequence_agreement if cfg.agreement == "sequence" else ref_token_agreement
+    weights = ref_agreement(views.double(), batch["mask"], cfg.agreement_gamma) if views is not None else None
     expected = ref_objective(
         cfg,
         hs64,

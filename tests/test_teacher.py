@@ -185,3 +185,36 @@ def test_teacher_construction_errors():
     LoraEMATeacher(lora)
     with pytest.raises(ValueError, match="already has an adapter"):
         LoraEMATeacher(lora)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_per_step_ema_moves_from_the_first_step_with_the_same_half_life(lora):
+    """per_step: φ ← β^(1/N) φ + (1 − β^(1/N)) θ after every step. With the student held at θ for N steps
+    that is exactly one reference update, φ_N = β φ_0 + (1−β) θ — but the teacher already moved at step 1."""
+    student = tiny_lora(dropout=0.0) if lora else tiny_llama()
+    beta, every = 0.9, 4
+    teacher = build_teacher("ema", student, beta=beta, every=every, schedule="per_step")
+    if lora:
+        randomize_student_adapter(student, seed=7)
+        pairs = teacher.pairs
+    else:
+        pairs = list(zip(teacher.model.parameters(), student.parameters()))
+        phi_start = [phi.detach().clone() for phi, _ in pairs]
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.5)
+    phi0 = [phi.detach().clone() for phi, _ in pairs]
+    assert teacher.step() is True and teacher.updates == 1
+    assert any(not torch.equal(phi, p0) for (phi, _), p0 in zip(pairs, phi0))  # moved after one step
+    for _ in range(every - 1):
+        teacher.step()
+    for (phi, theta), p0 in zip(pairs, phi0):
+        torch.testing.assert_close(phi, beta * p0 + (1 - beta) * theta.detach(), rtol=1e-5, atol=1e-6)
+    drift = teacher.drift()
+    assert drift["ema/updates"] == every and 0 < drift["ema/teacher_student_gap"] < 1
+    if lora:
+        assert drift["ema/teacher_moved"] > 0
+    else:
+        assert not all(torch.equal(phi, p) for (phi, _), p in zip(pairs, phi_start))
+    with pytest.raises(ValueError, match="schedule"):
+        build_teacher("ema", tiny_llama(), schedule="sometimes")

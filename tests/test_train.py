@@ -245,3 +245,92 @@ def test_online_mode_generates_and_scores_inside_the_loop(tmp_path, artifacts):
     # Agreement weights were computed from views scored online (not all exactly 1).
     assert all("agreement/weight_mean" in m for m in logged)
     assert any(m["agreement/weight_min"] < 1.0 for m in logged)
+
+
+def test_logged_loss_is_the_optimised_window_loss(tmp_path, artifacts):
+    """One window of 4 items as 1 micro-batch of 4 or 2 micro-batches of 2: the same logged loss (each
+    micro-batch loss is a share of the window's, so the trainer sums them — it never divides again)."""
+    objective = preset("sd")
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    one = _run(
+        tmp_path / "one",
+        artifacts,
+        objective,
+        cfg={"lora": lora, "micro_batch_size": 4, "grad_accum": 1, "max_steps": 1},
+    )
+    two = _run(
+        tmp_path / "two",
+        artifacts,
+        objective,
+        cfg={"lora": lora, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 1},
+    )
+    loss_one, loss_two = one["counts"]["final"]["loss"], two["counts"]["final"]["loss"]
+    assert loss_one > 0
+    assert loss_two == pytest.approx(loss_one, rel=1e-4)
+    assert two["counts"]["final"]["num_sequences"] == 4 == one["counts"]["final"]["num_sequences"]
+
+
+def test_ema_teacher_moves_in_a_two_step_run(tmp_path, artifacts):
+    """UniSD*'s EMA (β=0.98 per 10 steps) in the demo's 2-step run: the per-step cadence moves the teacher
+    adapter from the first step (the reference cadence would never move it in a run this short)."""
+    manifest = _run(tmp_path / "ema", artifacts, preset("unisd_star"), cfg={"max_steps": 2})
+    rows = [json.loads(line) for line in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ema/updates"] for r in rows] == [1.0, 2.0]
+    assert 0 < rows[0]["ema/teacher_moved"] < rows[1]["ema/teacher_moved"]
+    assert (tmp_path / "ema" / "ema_teacher.safetensors").exists()
+    assert manifest["export"]["ema_teacher"].endswith("ema_teacher.safetensors")
+    reference = preset("unisd_star").model_copy(update={"ema_schedule": "every"})
+    _run(tmp_path / "every", artifacts, reference, cfg={"max_steps": 2})
+    rows = [json.loads(line) for line in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ema/teacher_moved"] for r in rows] == [0.0, 0.0]  # why the per-step cadence exists
+
+
+def _record_rows(n):
+    """Prepared rows with real CommonsenseQA-style records (the SFT target is the record's reference)."""
+    from unisd.data.records import Record
+
+    rows = []
+    for i in range(n):
+        rec = Record(
+            id=f"csqa/{i}",
+            benchmark="commonsenseqa",
+            split="train",
+            question=f"Question {i}?",
+            reference=f"Reasoning: because {i}.\nAnswer: {'ABCDE'[i % 5]}",
+            answer="ABCDE"[i % 5],
+            choices=["a", "b", "c", "d", "e"],
+        )
+        rows.append(
+            {
+                "id": rec.id,
+                "record": rec.to_dict(),
+                "student_prompt_ids": [5, 6, 7 + i],
+                "teacher_prompt_ids": [9, 5, 6, 7 + i],
+            }
+        )
+    return rows
+
+
+def test_sft_trains_on_the_gold_completions_without_rollouts(tmp_path):
+    from unisd.models import load_tokenizer
+    from unisd.train import gold_completion_ids
+
+    rows = _record_rows(4)
+    write_jsonl(tmp_path / "prepared" / "train.jsonl", rows)
+    tokenizer = load_tokenizer(SPEC)
+    target = gold_completion_ids(rows[1], tokenizer)
+    assert tokenizer.decode(target) == "Reasoning: because 1.\nAnswer: B" + tokenizer.eos_token
+    manifest = run_train(
+        _cfg(max_steps=6, lr=5e-3, micro_batch_size=4, grad_accum=1),
+        preset("sft"),
+        model_spec=SPEC,
+        prepared_dir=tmp_path / "prepared",
+        out_dir=tmp_path / "sft",
+    )
+    losses = [
+        json.loads(line)["sft_loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert manifest["counts"]["steps"] == 6 and manifest["counts"]["items"] == 4
+    assert losses[-1] < losses[0]  # the gold tokens became likelier
+    final = manifest["counts"]["final"]
+    assert final["loss"] == final["sft_loss"] and "kd_loss" not in final

@@ -184,3 +184,67 @@ class Timer:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage skeleton
+
+
+def model_fingerprint(model_spec: str | None) -> str | None:
+    """What identifies a model in an inputs hash: a directory's file contents (a trained student), else the
+    spec itself (a built-in name, tiny:/random: spec or hub id)."""
+    if model_spec is None:
+        return None
+    path = Path(model_spec)
+    return hash_files([path]) if path.is_dir() else model_spec
+
+
+class Stage:
+    """One stage run's bookkeeping: timings, the inputs hash, skip-if-done, the manifest written last.
+
+        stage = begin_stage("train", out_dir, config=cfg_dict, inputs=[prepared / "train.jsonl"], model=spec)
+        if stage.done:
+            return stage.done               # same config, input files and model: nothing to do
+        with stage.timer("load"): ...
+        return stage.finish(counts={...})   # atomic manifest: the directory is complete
+
+    The hash covers the config (a JSON-able dict), the contents of every input file or directory, and the
+    model (`model_fingerprint`), so an unchanged rerun skips and a changed one reruns.
+    """
+
+    def __init__(self, name: str, out_dir: Path, config: Any, inputs_hash: str):
+        self.name, self.out_dir, self.config, self.inputs_hash = name, out_dir, config, inputs_hash
+        self.timer = Timer()
+        self.done = completed_manifest(out_dir, inputs_hash)
+        if self.done is None and (out_dir / MANIFEST).exists():
+            # Finished with other inputs: the directory is about to be rewritten, so it is no longer complete.
+            log.info("%s: %s was made from other inputs; running again", name, out_dir)
+            (out_dir / MANIFEST).unlink()
+
+    def finish(self, *, counts: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return write_manifest(
+            self.out_dir,
+            stage=self.name,
+            config=self.config,
+            inputs_hash=self.inputs_hash,
+            counts=counts,
+            timings=self.timer.timings,
+            extra=extra,
+        )
+
+
+def begin_stage(
+    name: str,
+    out_dir: str | Path,
+    *,
+    config: Any,
+    inputs: Iterable[str | Path] = (),
+    model: str | None = None,
+) -> Stage:
+    """Start stage `name` in `out_dir` (see `Stage`); `inputs` that do not exist are refused by name."""
+    paths = [Path(p) for p in inputs]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{name}: input(s) not found: {', '.join(missing)}")
+    digest = hash_files(paths, extra={"stage": name, "config": config, "model": model_fingerprint(model)})
+    return Stage(name, Path(out_dir), config, digest)

@@ -227,3 +227,88 @@ def cmd_promote(args):
         previous = tracking.promote(cfg.tracking, args.version, alias=args.alias, reason=args.reason)
         print(f"{cfg.tracking.registered_model}: {args.alias} {previous} → {args.version}")
     return 0
+
+
+def _objective_diff_args(p):
+    p.add_argument("--model", default="tiny:llama", help="model spec (default: a tiny random Llama)")
+    p.add_argument(
+        "--presets", default=None, help="comma-separated presets (default: every distillation one)"
+    )
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--items", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--faithful", action="store_true", help="compare the reference-code forms (faithful: true)"
+    )
+
+
+@command(
+    "objective-diff",
+    "how far each preset's loss, gradient and trajectory are from plain sd on the same batch",
+    _objective_diff_args,
+)
+def cmd_objective_diff(args):
+    from unisd.objective_diff import diff_table, objective_diff
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets else None
+    rows = objective_diff(
+        args.model,
+        presets,
+        steps=args.steps,
+        items=args.items,
+        seed=args.seed,
+        overrides={"faithful": True} if args.faithful else None,
+    )
+    print(diff_table(rows))
+    return 0
+
+
+def _experiment_args(p):
+    p.add_argument("--config", required=True, help="experiment YAML (e.g. configs/experiment-cpu.yaml)")
+    p.add_argument("--work", default="runs/experiment", help="heavy stage folders (models, rollouts, evals)")
+    p.add_argument("--results", default=None, help="small per-variant result files (default: WORK/results)")
+    p.add_argument("--models", default=None, help="comma-separated subset of the plans' models")
+    p.add_argument("--variants", default=None, help="comma-separated subset of the variants")
+
+
+@command(
+    "experiment",
+    "train + evaluate variants x seeds x models (sequential, resumable); one result file per variant",
+    _experiment_args,
+)
+def cmd_experiment(args):
+    from unisd.experiment import load_experiment, run_experiment
+
+    def split(text):
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    cfg = load_experiment(args.config)
+    files = run_experiment(
+        cfg,
+        work_dir=args.work,
+        results_dir=args.results or Path(args.work) / "results",
+        only_models=split(args.models),
+        only_variants=split(args.variants),
+    )
+    print(f"{len(files)} result files under {args.results or Path(args.work) / 'results'}")
+    return 0
+
+
+def _experiment_report_args(p):
+    p.add_argument(
+        "--results", required=True, help="the result files' folder (<model>/seed-<s>/<variant>.json)"
+    )
+    p.add_argument("--out", default="docs/RESULTS.md")
+    p.add_argument("--notes", default=None, help="a Markdown file included after the header (interpretation)")
+
+
+@command(
+    "experiment-report",
+    "docs/RESULTS.md (tables, CIs, plots, verdict) from experiment result files",
+    _experiment_report_args,
+)
+def cmd_experiment_report(args):
+    from unisd.results_report import build_results_report
+
+    print(f"wrote {build_results_report(args.results, args.out, notes=args.notes)}")
+    return 0

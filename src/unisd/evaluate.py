@@ -29,12 +29,10 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from unisd.artifacts import (
-    Timer,
     read_jsonl,
     read_partial_jsonl,
     write_json,
     write_jsonl,
-    write_manifest,
     write_text,
 )
 from unisd.config import StrictModel
@@ -288,12 +286,29 @@ def run_eval(
     base_model=None,
 ) -> dict[str, Any]:
     """Evaluate `model_spec` on `prepared_dir/eval/<benchmark>.jsonl`; write results.json, table.md."""
+    from unisd.artifacts import begin_stage, model_fingerprint, read_json
     from unisd.metrics import bootstrap_ci
     from unisd.models import load_model, load_tokenizer
 
     out_dir = Path(out_dir)
-    timer = Timer()
     source = Path(prepared_dir) / "eval" / f"{benchmark}.jsonl"
+    stage = begin_stage(
+        "eval",
+        out_dir,
+        config={
+            **cfg.model_dump(),
+            "model": model_spec,
+            "base": base_spec,
+            "base_fingerprint": model_fingerprint(base_spec) if base_spec else None,
+            "benchmark": benchmark,
+        },
+        inputs=[source],
+        model=model_spec,
+    )
+    if stage.done and (out_dir / "results.json").exists():
+        log.info("eval %s: %s is complete for these inputs", benchmark, out_dir)
+        return read_json(out_dir / "results.json")
+    timer = stage.timer
     records = [Record.from_dict(r, source=str(source), line=i + 1) for i, r in enumerate(read_jsonl(source))]
     if cfg.limit is not None:
         records = records[: cfg.limit]
@@ -395,14 +410,7 @@ def run_eval(
     results = {"aggregate": aggregate, "per_item": per_item, "sandbox": scored.get("sandbox")}
     write_json(out_dir / "results.json", results)
     write_text(out_dir / "table.md", results_table([aggregate]))
-    write_manifest(
-        out_dir,
-        stage="eval",
-        config={**cfg.model_dump(), "model": model_spec, "base": base_spec, "benchmark": benchmark},
-        inputs_hash="",
-        counts={"items": len(records)},
-        timings=timer.timings,
-    )
+    stage.finish(counts={"items": len(records)})
     shutil.rmtree(progress, ignore_errors=True)  # everything it held is in completions.jsonl now
     return results
 

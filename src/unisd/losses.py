@@ -705,13 +705,17 @@ def reduce_per_token(
     weights: Tensor | None = None,
     reduction: Reduction = "sequence_mean",
     normalizer: float | Tensor | None = None,
+    faithful: bool = False,
 ) -> Tensor:
     """Scalar loss from per-token values [N] of a micro-batch of `num_seqs` sequences.
 
-    sequence_mean (reference): Σ_i [Σ_t w v / max(1, Σ_t w)] / normalizer, normalizer = number of
-        sequences over the whole gradient-accumulation window (default: num_seqs, i.e. this
-        micro-batch is the whole window). With equal micro-batches this is the reference's
-        "per-sequence mean, batch mean, ÷ accumulation steps".
+    sequence_mean: Σ_i [Σ_t w v / max(1, Σ_t m)] / normalizer — each sequence's weighted sum over its
+        token count, so a weight scales its tokens' and its sequence's contribution; normalizer = the
+        non-empty sequences of the whole gradient-accumulation window (default: those of this
+        micro-batch). `faithful` (the reference): divide each sequence by its summed weight
+        Σ_t w instead — which cancels a per-sequence weight exactly, so sequence-level agreement
+        computes plain SD's loss — and count empty sequences in the default normaliser. With equal
+        micro-batches this is the reference's "per-sequence mean, batch mean, ÷ accumulation steps".
     token_mean: Σ_t w v / normalizer, normalizer = Σ w over every valid token of the whole window
         (default: this micro-batch's Σ w).
     Summing the returned losses over the micro-batches of a window gives the full-window loss: the
@@ -727,9 +731,14 @@ def reduce_per_token(
     w = weights.to(values.dtype) if weights is not None else torch.ones_like(values)
     if reduction == "sequence_mean":
         numerator = values.new_zeros(num_seqs).index_add(0, seq_ids, w * values)
-        denominator = values.new_zeros(num_seqs).index_add(0, seq_ids, w.detach())
-        per_sequence = numerator / denominator.clamp_min(1.0)
-        return per_sequence.sum() / (normalizer if normalizer is not None else num_seqs)
+        counts = values.new_zeros(num_seqs).index_add(
+            0, seq_ids, w.detach() if faithful else torch.ones_like(w)
+        )
+        per_sequence = numerator / counts.clamp_min(1.0)
+        if normalizer is None:
+            non_empty = torch.unique(seq_ids).numel()
+            normalizer = num_seqs if faithful else max(1, non_empty)
+        return per_sequence.sum() / normalizer
     total = (w * values).sum()
     if normalizer is None:
         return total / w.detach().sum().clamp_min(torch.finfo(values.dtype).tiny)
@@ -818,7 +827,13 @@ def distillation_loss(
     )
     clipped = clip_divergence(divergence, threshold, clip_style)
     loss = reduce_per_token(
-        clipped, seq_ids, num_seqs, weights=weights, reduction=reduction, normalizer=normalizer
+        clipped,
+        seq_ids,
+        num_seqs,
+        weights=weights,
+        reduction=reduction,
+        normalizer=normalizer,
+        faithful=faithful,
     )
 
     raw = divergence.detach()
@@ -843,6 +858,7 @@ def contrastive_token_loss(
     margin: float = 0.5,
     reduction: Reduction = "sequence_mean",
     normalizer: float | Tensor | None = None,
+    faithful: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """Token-level hinge L_CL = mean_i (1/|y_i|) Σ_t relu(μ + |ℓ^S − ℓ^+| − |ℓ^S − ℓ^−|).
 
@@ -863,7 +879,9 @@ def contrastive_token_loss(
     pos_dist = (ls - positive_logps.detach().to(dtype)).abs()
     neg_dist = (ls - negative_logps.detach().to(dtype)).abs()
     hinge = torch.relu(margin + pos_dist - neg_dist)
-    loss = reduce_per_token(hinge, seq_ids, num_seqs, reduction=reduction, normalizer=normalizer)
+    loss = reduce_per_token(
+        hinge, seq_ids, num_seqs, reduction=reduction, normalizer=normalizer, faithful=faithful
+    )
     names = [
         "cl/pos_dist_mean",
         "cl/neg_dist_mean",
@@ -895,6 +913,7 @@ def feature_matching_loss(
     *,
     reduction: Reduction = "sequence_mean",
     normalizer: float | Tensor | None = None,
+    faithful: bool = False,
 ) -> Tensor:
     """L_FM = mean_i (1/|y_i|) Σ_t (1/H) ‖h^S_t − stopgrad(h^T_t)‖², in fp32.
 
@@ -908,4 +927,6 @@ def feature_matching_loss(
         )
     dtype = _compute_dtype(student_hidden.dtype)
     per_token = (student_hidden.to(dtype) - teacher_hidden.detach().to(dtype)).pow(2).mean(dim=-1)
-    return reduce_per_token(per_token, seq_ids, num_seqs, reduction=reduction, normalizer=normalizer)
+    return reduce_per_token(
+        per_token, seq_ids, num_seqs, reduction=reduction, normalizer=normalizer, faithful=faithful
+    )

@@ -469,6 +469,42 @@ def paired_bootstrap(
     return PairedComparison(float(diff.mean()), float(low), float(high), p_better, len(ids), confidence)
 
 
+def paired_bootstrap_stratified(
+    groups: Mapping[str, tuple[Mapping[str, float], Mapping[str, float]]],
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+) -> PairedComparison:
+    """Paired bootstrap of the MACRO mean difference over groups (e.g. benchmarks): each group's items are
+    resampled within the group, its mean difference taken, and the group means averaged — so a benchmark
+    with few items weighs as much as one with many (the paper's "average over benchmarks").
+
+    groups: {name: (baseline {id: score}, candidate {id: score})}, the same ids within each group.
+    """
+    _check_bootstrap_args(confidence, n_resamples)
+    if not groups:
+        raise ValueError("paired_bootstrap_stratified: no groups")
+    group_means, deltas, n = [], [], 0
+    for g, (name, (baseline, candidate)) in enumerate(sorted(groups.items())):
+        missing = sorted(set(baseline) ^ set(candidate))
+        if missing or not baseline:
+            raise ValueError(
+                f"paired_bootstrap_stratified: group {name!r} has different or no items {missing[:5]}"
+            )
+        ids = sorted(baseline)
+        diff = np.array([candidate[i] for i in ids], dtype=np.float64) - np.array([baseline[i] for i in ids])
+        _check_finite(diff, ids, f"paired_bootstrap_stratified[{name}]")
+        group_means.append(_resampled_means(diff, n_resamples, seed + g))
+        deltas.append(float(diff.mean()))
+        n += len(ids)
+    means = np.mean(group_means, axis=0)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    p_better = float((means > 0).mean() + 0.5 * (means == 0).mean())
+    return PairedComparison(float(np.mean(deltas)), float(low), float(high), p_better, n, confidence)
+
+
 # --------------------------------------------------------------------------------------------------
 # results table
 

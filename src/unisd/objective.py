@@ -34,6 +34,7 @@ from unisd.losses import (
     feature_matching_loss,
     flatten_valid,
     reduce_per_token,
+    sampled_token_logprobs,
 )
 from unisd.reliability import agreement_weights, distributed_world_size, summarize_weights
 
@@ -71,9 +72,21 @@ class ObjectiveConfig(StrictModel):
     feature_lambda: float = Field(0.0, ge=0.0)
     match_repr: bool = Field(False, description="train on L_FM alone (unscaled, as the reference)")
 
+    method: Literal["distill", "sft"] = Field(
+        "distill",
+        description="distill: the UniSD objective on the student's own completions; sft: cross-entropy on "
+        "the gold completions (the SFT baseline: same adapter, data, steps and schedule)",
+    )
+
     teacher: Literal["frozen", "ema"] = "frozen"
     ema_beta: float = Field(0.9, ge=0.0, le=1.0)
-    ema_every: int = Field(10, ge=1, description="optimizer steps between EMA updates")
+    ema_every: int = Field(10, ge=1, description="optimizer steps between EMA updates (the half-life unit)")
+    ema_schedule: Literal["per_step", "every"] = Field(
+        "per_step",
+        description="per_step: φ ← β^(1/N) φ + (1 − β^(1/N)) θ after every optimizer step (same half-life, "
+        "moves from the first step, so short runs have an EMA teacher at all); every: β every N steps "
+        "(the reference; `faithful` implies it)",
+    )
 
     reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     faithful: bool = Field(False, description="reproduce the reference code's behaviour where we fix it")
@@ -91,66 +104,40 @@ class ObjectiveConfig(StrictModel):
         return self
 
     @property
+    def is_sft(self) -> bool:
+        return self.method == "sft"
+
+    @property
     def uses_views(self) -> bool:
-        return self.agreement != "none"
+        return not self.is_sft and self.agreement != "none"
 
     @property
     def uses_negative(self) -> bool:
-        return self.contrastive_lambda > 0
+        return not self.is_sft and self.contrastive_lambda > 0
+
+    @property
+    def uses_rollouts(self) -> bool:
+        """SFT trains on the gold completions: no rollout, no scoring."""
+        return not self.is_sft
+
+    @property
+    def effective_ema_schedule(self) -> str:
+        return "every" if self.faithful else self.ema_schedule
+
+    def agreement_kwargs(self) -> dict:
+        """The keyword arguments of `unisd.reliability.agreement_weights` this config sets."""
+        return dict(
+            level=self.agreement,
+            stat=self.agreement_stat,
+            gamma=self.agreement_gamma,
+            quantile=self.agreement_quantile,
+            cap=self.agreement_cap,
+            faithful=self.faithful,
+        )
 
     @property
     def uses_features(self) -> bool:
         return self.match_repr or self.feature_lambda > 0
-
-
-def _agreement(level: str, context: str) -> dict:
-    return {"agreement": level, "context_kind": context, "agreement_gamma": 0.01}
-
-
-# The modes of ALGORITHM.md's table; each entry lists only what differs from the defaults.
-_PRESET_FIELDS: dict[str, dict] = {
-    "sd": {},
-    **{
-        f"agreement_{short}_{context}": _agreement(level, context)
-        for short, level in (("tok", "token"), ("seq", "sequence"))
-        for context in ("random", "retrieval", "induced")
-    },
-    "ema": {"teacher": "ema", "ema_beta": 0.9, "ema_every": 10},
-    "contrastive": {"contrastive_lambda": 0.1, "contrastive_margin": 0.5},
-    "match_joint": {"feature_lambda": 0.1},
-    "match_repr": {"match_repr": True},
-    "clip": {"clip": "static", "clip_value": 10.0},
-    "unisd_star": {
-        "divergence": "forward_kl",
-        "agreement": "token",
-        "context_kind": "retrieval",
-        "num_views": 3,
-        "agreement_gamma": 0.001,
-        "contrastive_lambda": 0.01,
-        "contrastive_margin": 0.1,
-        "feature_lambda": 0.01,
-        "teacher": "ema",
-        "ema_beta": 0.98,
-        "ema_every": 10,
-        "clip": "none",
-    },
-}
-PRESETS: dict[str, ObjectiveConfig] = {
-    name: ObjectiveConfig(**fields) for name, fields in _PRESET_FIELDS.items()
-}
-
-
-def preset(name: str) -> ObjectiveConfig:
-    """The ObjectiveConfig of a mode of ALGORITHM.md (sd, agreement_tok_random, ..., unisd_star)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown objective preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name].model_copy(deep=True)
-
-
-def preset_fields(name: str) -> dict:
-    """The fields a preset sets (what configs/presets/<name>.yaml holds under `objective:`)."""
-    preset(name)
-    return dict(_PRESET_FIELDS[name])
 
 
 def load_objective(path: str | Path) -> ObjectiveConfig:
@@ -162,6 +149,38 @@ def load_objective(path: str | Path) -> ObjectiveConfig:
     if not isinstance(section, dict):
         raise ValueError(f"{path}: 'objective' must be a mapping, got {type(section).__name__}")
     return validate(ObjectiveConfig, section, source=f"{path} [objective]")
+
+
+# The modes of ALGORITHM.md's table, one YAML file each (configs/presets/<name>.yaml, `objective:` holds only
+# what differs from the ObjectiveConfig defaults): the one list of presets.
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "presets"
+
+
+def _load_presets() -> dict[str, ObjectiveConfig]:
+    files = sorted(PRESET_DIR.glob("*.yaml"))
+    if not files:
+        raise FileNotFoundError(f"no objective presets in {PRESET_DIR} (configs/presets/*.yaml)")
+    return {path.stem: load_objective(path) for path in files}
+
+
+def preset(name: str) -> ObjectiveConfig:
+    """The ObjectiveConfig of a mode of ALGORITHM.md (sd, agreement_tok_random, ..., unisd_star, sft)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown objective preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name].model_copy(deep=True)
+
+
+def preset_fields(name: str) -> dict:
+    """The fields a preset sets (what configs/presets/<name>.yaml holds under `objective:`)."""
+    preset(name)
+    return dict(read_yaml(PRESET_DIR / f"{name}.yaml").get("objective") or {})
+
+
+PRESETS: dict[str, ObjectiveConfig] = _load_presets()
+
+# Every loss term the trainer logs (stats keys), in display order: the trainer, components and report read
+# this list.
+LOSS_TERMS: tuple[str, ...] = ("loss", "kd_loss", "cl_loss", "fm_loss", "sft_loss")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,8 +206,12 @@ def window_normalizers(
     weights: Sequence[Tensor | None] | None = None,
     *,
     group: dist.ProcessGroup | None = None,
+    faithful: bool = False,
 ) -> Normalizers:
     """Normalizers for the micro-batches `masks` ([B, T] each) of one accumulation window.
+
+    num_sequences counts the sequences with at least one valid token (an empty completion has no
+    mean to contribute); `faithful` counts every row, as the reference's batch mean does.
 
     Under torch.distributed the counts are summed over ranks and divided by the world size: DDP
     averages gradients over ranks, so each rank must divide by (global count / world size) for the
@@ -203,7 +226,7 @@ def window_normalizers(
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for index, mask in enumerate(masks):
         valid = mask.bool()
-        totals[0] += mask.shape[0]
+        totals[0] += mask.shape[0] if faithful else valid.any(dim=1).sum()
         totals[1] += valid.sum()
         w = weights[index] if weights is not None else None
         totals[2] += (w.double() * valid).sum() if w is not None else valid.sum()
@@ -283,17 +306,7 @@ def compute_objective(
                 raise ValueError(
                     f"view_logps has K={view_logps.shape[0]} views, config num_views={cfg.num_views}"
                 )
-            token_weights = agreement_weights(
-                view_logps,
-                mask,
-                level=cfg.agreement,
-                stat=cfg.agreement_stat,
-                gamma=cfg.agreement_gamma,
-                quantile=cfg.agreement_quantile,
-                cap=cfg.agreement_cap,
-                faithful=cfg.faithful,
-                group=group,
-            )
+            token_weights = agreement_weights(view_logps, mask, **cfg.agreement_kwargs(), group=group)
         if token_weights.shape != mask.shape:
             raise ValueError(
                 f"token_weights shape {tuple(token_weights.shape)} != mask shape {tuple(mask.shape)}"
@@ -367,6 +380,7 @@ def compute_objective(
                     margin=cfg.contrastive_margin,
                     reduction=cfg.reduction,
                     normalizer=unweighted_norm,
+                    faithful=cfg.faithful,
                 )
                 stats.update(cl_stats)
             else:
@@ -388,17 +402,70 @@ def compute_objective(
                     logit_softcap=logit_softcap,
                 )
                 cl = reduce_per_token(
-                    per_token, seq_ids, batch, reduction=cfg.reduction, normalizer=unweighted_norm
+                    per_token,
+                    seq_ids,
+                    batch,
+                    reduction=cfg.reduction,
+                    normalizer=unweighted_norm,
+                    faithful=cfg.faithful,
                 )
             stats["cl_loss"] = float(cl.detach())
             total = total + cfg.contrastive_lambda * cl
 
     if cfg.uses_features:
         fm = feature_matching_loss(
-            h_student, h_teacher, seq_ids, batch, reduction=cfg.reduction, normalizer=unweighted_norm
+            h_student,
+            h_teacher,
+            seq_ids,
+            batch,
+            reduction=cfg.reduction,
+            normalizer=unweighted_norm,
+            faithful=cfg.faithful,
         )
         stats["fm_loss"] = float(fm.detach())
         total = fm if cfg.match_repr else total + cfg.feature_lambda * fm
 
     stats["loss"] = float(total.detach())
     return total, stats
+
+
+def compute_sft_objective(
+    cfg: ObjectiveConfig,
+    *,
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    normalizers: Normalizers | None = None,
+    logit_softcap: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The SFT baseline's loss of one micro-batch: mean NLL of the gold completion tokens.
+
+    student_hidden [B, T, H] (grad) at the positions predicting tokens [B, T] (the gold completion,
+    EOS included), mask [B, T]. Reduced like L_KD (cfg.reduction, window normalizers), at temperature
+    1 (cross-entropy on the data, not a distillation temperature). Returns (loss, stats: loss,
+    sft_loss, num_tokens, num_sequences).
+    """
+    if mask.dim() != 2 or tokens.shape != mask.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
+    norms = normalizers or Normalizers()
+    flat_index, seq_ids = flatten_valid(mask)
+    logps = sampled_token_logprobs(
+        _flat(student_hidden, flat_index),
+        student_head_weight,
+        _flat(tokens, flat_index),
+        chunk_size=cfg.chunk_size,
+        logit_softcap=logit_softcap,
+    )
+    norm = norms.num_sequences if cfg.reduction == "sequence_mean" else norms.num_tokens
+    loss = reduce_per_token(
+        -logps, seq_ids, mask.shape[0], reduction=cfg.reduction, normalizer=norm, faithful=cfg.faithful
+    )
+    value = float(loss.detach())
+    stats = {
+        "loss": value,
+        "sft_loss": value,
+        "num_tokens": float(flat_index.numel()),
+        "num_sequences": float(mask.shape[0]),
+    }
+    return loss, stats

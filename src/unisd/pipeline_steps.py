@@ -180,13 +180,15 @@ def train(
     round_index: int,
     previous_dir: str | None = None,
 ) -> dict:
-    from unisd.train import run_train
+    from unisd.train import EMA_TEACHER_FILE, run_train
 
     cfg = parse_config(config_yaml)
     obj = cfg.objective_config()
     tcfg = cfg.train
     if previous_dir and (Path(previous_dir) / "adapter").exists():
         tcfg = tcfg.model_copy(update={"init_adapter": str(Path(previous_dir) / "adapter")})
+    if previous_dir and (Path(previous_dir) / EMA_TEACHER_FILE).exists() and obj.teacher == "ema":
+        tcfg = tcfg.model_copy(update={"init_teacher": str(Path(previous_dir) / EMA_TEACHER_FILE)})
     score_dirs = [d for d in shard_dirs(scores_dir) if (Path(d) / "scores.safetensors").exists()]
     manifest = run_train(
         tcfg,

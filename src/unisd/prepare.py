@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 class PrepareConfig(StrictModel):
     benchmarks: list[str] = ["mbpp"]
+    eval_only: list[str] = []  # held-out benchmarks never trained on (transfer), e.g. [gpqa, humaneval]
     train_split: str = "train"
     eval_split: str = "auto"  # "test" where it has labels, else "validation" (CommonsenseQA)
     train_limit: int | None = None  # per benchmark; a seeded sample when set
@@ -34,10 +35,11 @@ class PrepareConfig(StrictModel):
     max_prompt_tokens: int = 3072
     max_teacher_prompt_tokens: int = 4096
     data_dir: str | None = None
-    seed: int = 0
+    seed: int = 0  # the training sample (train_limit)
+    eval_seed: int | None = None  # the held-out sample (eval_limit); None = seed. Fix it to compare seeds.
 
     def model_post_init(self, _context) -> None:
-        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        unknown = [b for b in [*self.benchmarks, *self.eval_only] if b not in BENCHMARKS]
         if unknown:
             raise ValueError(f"unknown benchmark(s) {unknown}; expected some of {list(BENCHMARKS)}")
 
@@ -65,14 +67,17 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
     tokenizer = tokenizer or load_tokenizer(model_spec)
     train_rows, dropped, eval_counts = [], [], {}
     with timer("prepare"):
-        for name in cfg.benchmarks:
-            train = _sample(
-                load_benchmark(name, cfg.train_split, data_dir=data_dir), cfg.train_limit, cfg.seed
+        eval_seed = cfg.seed if cfg.eval_seed is None else cfg.eval_seed
+        for name in [*cfg.benchmarks, *[b for b in cfg.eval_only if b not in cfg.benchmarks]]:
+            train = (
+                _sample(load_benchmark(name, cfg.train_split, data_dir=data_dir), cfg.train_limit, cfg.seed)
+                if name in cfg.benchmarks
+                else []
             )
             held_out = _sample(
                 load_benchmark(name, eval_split_for(name, cfg.eval_split), data_dir=data_dir),
                 cfg.eval_limit,
-                cfg.seed,
+                eval_seed,
             )
             overlap = {r.id for r in train} & {r.id for r in held_out}
             if overlap:
@@ -118,7 +123,7 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
         "|---|---|---|",
         *[
             f"| {b} | {sum(1 for r in train_rows if r['record']['benchmark'] == b)} | {eval_counts[b]} |"
-            for b in cfg.benchmarks
+            for b in eval_counts
         ],
         "",
         f"Dropped for length (never truncated): {len(dropped)}",

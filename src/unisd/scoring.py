@@ -376,16 +376,8 @@ def run_scoring(
 
         if objective is None or objective.agreement == "none":
             objective = ObjectiveConfig(agreement="token")
-        w = agreement_weights(
-            stacked,
-            mask,
-            level=objective.agreement,
-            stat=objective.agreement_stat,
-            gamma=objective.agreement_gamma,
-            quantile=objective.agreement_quantile,
-            cap=objective.agreement_cap,
-            faithful=True,  # the shard is the batch here: these weights are for inspection only
-        )
+        # The shard is the batch here (faithful = per-batch quantiles): these weights are for inspection only.
+        w = agreement_weights(stacked, mask, **{**objective.agreement_kwargs(), "faithful": True})
         for j, n in enumerate(chosen_items):
             weights[offsets[n] : offsets[n + 1]] = w[j, : lengths[n]]
     tensors = {

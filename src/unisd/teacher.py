@@ -19,6 +19,10 @@ All teachers share one interface:
         out = model(input_ids=..., attention_mask=...)
     teacher.head_weight()   # [V, H] teacher LM head for the chunked loss, or None = the student's
     teacher.step()          # call once after every optimizer step; True when it updated
+    teacher.drift()         # {ema/...: float} how far an EMA teacher moved / lags (empty when frozen)
+
+EMA cadence (`EMACadence`): the reference updates every N steps with β; `per_step` updates after every step
+with β^(1/N) (the same half-life), so a run shorter than N steps still has a moving teacher.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Teacher(Protocol):
     def head_weight(self) -> Tensor | None: ...
 
     def step(self) -> bool: ...
+
+    def drift(self) -> dict[str, float]: ...
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -124,6 +130,43 @@ def _check_lora_head_untouched(model: nn.Module) -> None:
         )
 
 
+EMASchedule = Literal["every", "per_step"]
+
+
+class EMACadence:
+    """When the EMA teacher updates and with which decay.
+
+    every:    φ ← β φ + (1−β) θ after every N-th optimizer step (the reference; a run shorter than N
+              steps never moves the teacher).
+    per_step: φ ← β^(1/N) φ + (1 − β^(1/N)) θ after every step — the same half-life measured in steps,
+              so the teacher follows the student from the first step on.
+    """
+
+    def __init__(self, beta: float, every: int, schedule: EMASchedule):
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"ema beta must be in [0, 1], got {beta}")
+        if every < 1:
+            raise ValueError(f"ema every must be ≥ 1, got {every}")
+        if schedule not in ("every", "per_step"):
+            raise ValueError(f"ema schedule must be 'every' or 'per_step', got {schedule!r}")
+        self.beta, self.every, self.schedule = float(beta), int(every), schedule
+
+    def decay_at(self, optimizer_step: int) -> float | None:
+        """The decay to apply after optimizer step `optimizer_step` (1-based), or None for no update."""
+        if self.schedule == "per_step":
+            return self.beta ** (1.0 / self.every)
+        return None if optimizer_step % self.every else self.beta
+
+
+def _gap_stats(pairs: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """ema/teacher_student_gap = ‖φ − θ‖ / ‖θ‖ over (teacher, student) tensor pairs (ZeRO-3: local shards)."""
+    gap = norm = 0.0
+    for phi, theta in pairs:
+        gap += float((phi.float() - theta.float()).pow(2).sum())
+        norm += float(theta.float().pow(2).sum())
+    return {"ema/teacher_student_gap": (gap**0.5) / max(norm**0.5, 1e-12)}
+
+
 class FrozenTeacher:
     """θ₀. LoRA: the student with its adapter disabled (no second copy). Full FT: a frozen deep copy.
 
@@ -159,6 +202,9 @@ class FrozenTeacher:
         self.optimizer_steps += 1
         return False
 
+    def drift(self) -> dict[str, float]:
+        return {}
+
 
 class EMATeacher:
     """Full fine-tuning EMA teacher: φ ← β φ + (1−β) θ over every parameter, every `every` steps.
@@ -178,13 +224,11 @@ class EMATeacher:
         *,
         beta: float = 0.9,
         every: int = 10,
+        schedule: EMASchedule = "every",
         faithful: bool = False,
         teacher_model: nn.Module | None = None,
     ):
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"ema beta must be in [0, 1], got {beta}")
-        if every < 1:
-            raise ValueError(f"ema every must be ≥ 1, got {every}")
+        self.cadence = EMACadence(beta, every, schedule)
         model = unwrap_model(student)
         if is_peft_model(model):
             raise ValueError("student is a peft model: use LoraEMATeacher (build_teacher picks it)")
@@ -211,20 +255,31 @@ class EMATeacher:
 
     def step(self) -> bool:
         self.optimizer_steps += 1
-        if self.optimizer_steps % self.every:
+        decay = self.cadence.decay_at(self.optimizer_steps)
+        if decay is None:
             return False
-        self.update()
+        self.update(decay)
         return True
 
     @torch.no_grad()
-    def update(self) -> None:
-        """One EMA update now (step() calls this every `every` optimizer steps)."""
+    def update(self, decay: float | None = None) -> None:
+        """One EMA update now with `decay` (default β); step() calls this on the cadence's schedule."""
+        decay = self.beta if decay is None else decay
         for (_, phi), (_, theta) in zip(self.model.named_parameters(), self.student.named_parameters()):
             with _gathered([theta], [phi]):
-                phi.lerp_(theta.to(phi.dtype), 1.0 - self.beta)  # φ + (1−β)(θ−φ) = βφ + (1−β)θ
+                phi.lerp_(theta.to(phi.dtype), 1.0 - decay)  # φ + (1−β)(θ−φ) = βφ + (1−β)θ
         for (_, buf_t), (_, buf_s) in zip(self.model.named_buffers(), self.student.named_buffers()):
             buf_t.copy_(buf_s)
         self.updates += 1
+
+    @torch.no_grad()
+    def drift(self) -> dict[str, float]:
+        """ema/teacher_student_gap: ‖φ − θ‖ / ‖θ‖ over every parameter (0 = the teacher is the student)."""
+        pairs = [
+            (phi, theta)
+            for (_, phi), (_, theta) in zip(self.model.named_parameters(), self.student.named_parameters())
+        ]
+        return {"ema/updates": float(self.updates), **_gap_stats(pairs)}
 
 
 def adapter_parameter_pairs(
@@ -279,13 +334,11 @@ class LoraEMATeacher:
         *,
         beta: float = 0.9,
         every: int = 10,
+        schedule: EMASchedule = "every",
         faithful: bool = False,
         teacher_adapter: str = "teacher",
     ):
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"ema beta must be in [0, 1], got {beta}")
-        if every < 1:
-            raise ValueError(f"ema every must be ≥ 1, got {every}")
+        self.cadence = EMACadence(beta, every, schedule)
         model = unwrap_model(student)
         if not is_peft_model(model):
             raise ValueError("LoraEMATeacher needs a peft model; use EMATeacher for full fine-tuning")
@@ -305,6 +358,7 @@ class LoraEMATeacher:
             for phi, theta in self.pairs:
                 phi.copy_(theta)
                 phi.requires_grad_(False)
+        self.initial = [phi.detach().clone() for phi, _ in self.pairs]  # φ₀: how far the teacher moved
         self.beta, self.every, self.faithful = float(beta), int(every), faithful
         if faithful:
             logger.warning(
@@ -334,18 +388,30 @@ class LoraEMATeacher:
 
     def step(self) -> bool:
         self.optimizer_steps += 1
-        if self.optimizer_steps % self.every:
+        decay = self.cadence.decay_at(self.optimizer_steps)
+        if decay is None:
             return False
-        self.update()
+        self.update(decay)
         return True
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, decay: float | None = None) -> None:
+        decay = self.beta if decay is None else decay
         if not self.faithful:
             for phi, theta in self.pairs:
                 with _gathered([theta], [phi]):
-                    phi.lerp_(theta.to(phi.dtype), 1.0 - self.beta)
+                    phi.lerp_(theta.to(phi.dtype), 1.0 - decay)
         self.updates += 1
+
+    @torch.no_grad()
+    def drift(self) -> dict[str, float]:
+        """How far the teacher adapter moved from its start (ema/teacher_moved = ‖φ − φ₀‖) and how far it
+        lags the student's (ema/teacher_student_gap = ‖φ − θ‖ / ‖θ‖), over every adapter tensor."""
+        moved = sum(
+            float((phi.float() - phi0.float()).pow(2).sum())
+            for (phi, _), phi0 in zip(self.pairs, self.initial)
+        )
+        return {"ema/updates": float(self.updates), "ema/teacher_moved": moved**0.5, **_gap_stats(self.pairs)}
 
 
 def build_teacher(
@@ -354,6 +420,7 @@ def build_teacher(
     *,
     beta: float = 0.9,
     every: int = 10,
+    schedule: EMASchedule = "every",
     faithful: bool = False,
     teacher_model: nn.Module | None = None,
 ) -> FrozenTeacher | EMATeacher | LoraEMATeacher:
@@ -361,7 +428,8 @@ def build_teacher(
     if kind == "frozen":
         return FrozenTeacher(student, teacher_model=teacher_model)
     if kind == "ema":
+        ema = dict(beta=beta, every=every, schedule=schedule, faithful=faithful)
         if is_peft_model(student):
-            return LoraEMATeacher(student, beta=beta, every=every, faithful=faithful)
-        return EMATeacher(student, beta=beta, every=every, faithful=faithful, teacher_model=teacher_model)
+            return LoraEMATeacher(student, **ema)
+        return EMATeacher(student, **ema, teacher_model=teacher_model)
     raise ValueError(f"teacher kind must be 'frozen' or 'ema', got {kind!r}")

@@ -36,9 +36,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from unisd.artifacts import Timer, read_json, read_jsonl, write_json, write_jsonl, write_manifest
+from unisd.artifacts import begin_stage, read_json, read_jsonl, write_json, write_jsonl
 from unisd.config import StrictModel
-from unisd.objective import ObjectiveConfig, compute_objective
+from unisd.objective import LOSS_TERMS, ObjectiveConfig, compute_objective
 from unisd.sequences import (
     build_teacher_forcing_batch,
     completion_hidden,
@@ -48,6 +48,8 @@ from unisd.sequences import (
 )
 
 log = logging.getLogger(__name__)
+# Per-micro-batch stats that are shares of the window total (summed over micro-batches, not averaged).
+ADDITIVE_STATS = frozenset({*LOSS_TERMS, "num_tokens", "num_sequences", "kd/num_tokens"})
 
 
 class LoraSettings(StrictModel):
@@ -74,9 +76,15 @@ class TrainConfig(StrictModel):
     seed: int = 0
     dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
     max_bad_fraction: float = 0.1  # hard stop when more items than this are skipped as bad
+    # Rollouts cut at max_new_tokens (no EOS) are dropped, not trained on (DAPO's overlong filtering): a
+    # small model's cut rollouts are mostly loops, and distilling them teaches the loop.
+    drop_truncated: bool = False
     deepspeed: Literal["none", "zero2", "zero3"] = "none"
     save_merged: bool = True  # also save merged full weights (what the next round's rollout loads)
     init_adapter: str | None = None  # continue from a previous round's adapter
+    init_teacher: str | None = (
+        None  # ...and its EMA teacher (ema_teacher.safetensors), so the EMA spans rounds
+    )
     # online mode only
     online_max_new_tokens: int = 128
     online_temperature: float = 0.7
@@ -90,6 +98,30 @@ class BadInputError(RuntimeError):
 # data
 
 
+def train_inputs(
+    prepared_dir: str | Path,
+    contexts_dir: str | Path | None,
+    rollout_dirs: Sequence[str | Path],
+    score_dirs: Sequence[str | Path],
+) -> list[Path]:
+    """The files the train stage reads (its inputs hash)."""
+    paths = [Path(prepared_dir) / "train.jsonl"]
+    if contexts_dir:
+        paths.append(Path(contexts_dir) / "contexts.jsonl")
+    paths += [Path(d) / "completions.jsonl" for d in rollout_dirs]
+    paths += [Path(d) / name for d in score_dirs for name in ("scores.safetensors", "ids.json")]
+    return paths
+
+
+def gold_completion_ids(row: dict[str, Any], tokenizer) -> list[int]:
+    """The SFT target of a prepared row: its gold completion (student answer format) + EOS."""
+    from unisd.data.prompts import gold_completion
+    from unisd.data.records import Record
+
+    text = gold_completion(Record.from_dict(row["record"]))
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def load_training_items(
     prepared_dir: str | Path,
     contexts_dir: str | Path | None,
@@ -98,8 +130,12 @@ def load_training_items(
     *,
     need_views: bool,
     need_negatives: bool,
+    gold_tokenizer=None,
+    drop_truncated: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Join the stage artifacts by item id; count (not hide) items that can't be trained on."""
+    """Join the stage artifacts by item id; count (not hide) items that can't be trained on.
+
+    `gold_tokenizer` (SFT): every item's completion is its gold completion, tokenized with it."""
     from unisd.rollout import load_completions
     from unisd.scoring import load_scores
 
@@ -115,13 +151,18 @@ def load_training_items(
             "student_prompt_ids": row["student_prompt_ids"],
             "teacher_prompt_ids": row["teacher_prompt_ids"],
         }
-        if completions:
+        if gold_tokenizer is not None:
+            item["completion_ids"] = gold_completion_ids(row, gold_tokenizer)
+        elif completions:
             comp = completions.get(row["id"])
             if comp is None:
                 skipped["no_completion"] += 1
                 continue
             if not comp["completion_ids"]:
                 skipped["empty_completion"] += 1
+                continue
+            if drop_truncated and not comp.get("finished", True):
+                skipped["truncated"] = skipped.get("truncated", 0) + 1
                 continue
             item["completion_ids"] = comp["completion_ids"]
         ctx = contexts.get(row["id"])
@@ -280,6 +321,39 @@ def load_teacher_state(teacher, state: dict[str, Any]) -> None:
         teacher.model.load_state_dict(state["model"])
 
 
+EMA_TEACHER_FILE = "ema_teacher.safetensors"
+
+
+def save_teacher_weights(teacher, path: Path) -> Path:
+    """The LoRA EMA teacher adapter's tensors (in pair order) as safetensors."""
+    from safetensors.torch import save_file
+
+    from unisd.artifacts import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(
+            {f"{i:05d}": t.detach().contiguous().cpu() for i, (t, _) in enumerate(teacher.pairs)}, str(tmp)
+        )
+    return path
+
+
+@torch.no_grad()
+def load_teacher_weights(teacher, path: str | Path) -> None:
+    """Continue a previous round's LoRA EMA teacher (see save_teacher_weights)."""
+    from safetensors.torch import load_file
+
+    if not hasattr(teacher, "pairs"):
+        raise ValueError(f"init_teacher={path}: only a LoRA EMA teacher carries weights between rounds")
+    saved = load_file(str(path))
+    if len(saved) != len(teacher.pairs):
+        raise ValueError(
+            f"{path}: {len(saved)} teacher tensors, the model's adapter has {len(teacher.pairs)}"
+        )
+    for (phi, _), key in zip(teacher.pairs, sorted(saved)):
+        phi.copy_(saved[key].to(phi.dtype))
+    teacher.initial = [phi.detach().clone() for phi, _ in teacher.pairs]
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "trainer_state.json").exists())
     return done[-1] if done else None
@@ -314,6 +388,7 @@ def micro_batch_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward passes + objective for one micro-batch; returns (loss to backward, stats)."""
     from unisd.losses import sampled_token_logprobs
+    from unisd.objective import compute_sft_objective
 
     device = next(model.parameters()).device
     completions = [it["completion_ids"] for it in items]
@@ -322,6 +397,16 @@ def micro_batch_loss(
     ).to(device)
     mask, tokens = student_batch.completion_mask, student_batch.completion_ids
     h_student = completion_hidden(model, student_batch)  # [B, T, H], grad
+    if objective.is_sft:  # no teacher: cross-entropy on the gold completion
+        return compute_sft_objective(
+            objective,
+            student_hidden=h_student,
+            student_head_weight=lm_head_of(model).weight,
+            tokens=tokens,
+            mask=mask,
+            normalizers=normalizers,
+            logit_softcap=logit_softcap_of(model),
+        )
     teacher_batch = build_teacher_forcing_batch(
         [it["teacher_prompt_ids"] for it in items], completions, pad_id=pad_id
     ).to(device)
@@ -400,37 +485,32 @@ def window_weights(
         if not scored:
             continue
         views, mask = stack_views([it["view_logps"] for it in scored])
-        weights = agreement_weights(
-            views,
-            mask,
-            level=objective.agreement,
-            stat=objective.agreement_stat,
-            gamma=objective.agreement_gamma,
-            quantile=objective.agreement_quantile,
-            cap=objective.agreement_cap,
-            faithful=objective.faithful,
-        )
+        weights = agreement_weights(views, mask, **objective.agreement_kwargs())
         for b, it in enumerate(scored):
             out[it["id"]] = weights[b, : len(it["completion_ids"])]
     return out
 
 
 def window_normalizer_counts(
-    window: Sequence[dict[str, Any]], weights: dict[str, torch.Tensor] | None, micro_batch_size: int
+    window: Sequence[dict[str, Any]],
+    weights: dict[str, torch.Tensor] | None,
+    micro_batch_size: int,
+    *,
+    faithful: bool = False,
 ):
     from unisd.objective import window_normalizers
 
     micro = [window[i : i + micro_batch_size] for i in range(0, len(window), micro_batch_size)]
     masks = [_completion_mask(m) for m in micro]
     if weights is None:
-        return window_normalizers(masks)
+        return window_normalizers(masks, faithful=faithful)
     per_micro = []
     for m, mask in zip(micro, masks):
         w = torch.zeros(mask.shape)
         for row, it in enumerate(m):
             w[row, : len(weights[it["id"]])] = weights[it["id"]]
         per_micro.append(w)
-    return window_normalizers(masks, per_micro)
+    return window_normalizers(masks, per_micro, faithful=faithful)
 
 
 def _online_refresh(model, tokenizer, teacher, objective, window, cfg: TrainConfig, step: int) -> None:
@@ -476,6 +556,97 @@ def _online_refresh(model, tokenizer, teacher, objective, window, cfg: TrainConf
     model.train(was_training)
 
 
+def build_models(cfg: TrainConfig, objective: ObjectiveConfig, model_spec: str):
+    """(tokenizer, student, teacher) on the default device; the teacher per the objective (SFT: none used)."""
+    from unisd.models import default_device, load_tokenizer
+    from unisd.teacher import build_teacher
+
+    tokenizer = load_tokenizer(model_spec)
+    model = build_student(model_spec, cfg, default_device())
+    teacher = build_teacher(
+        "frozen" if objective.is_sft else objective.teacher,
+        model,
+        beta=objective.ema_beta,
+        every=objective.ema_every,
+        schedule=objective.effective_ema_schedule,
+        faithful=objective.faithful,
+    )
+    if cfg.init_teacher:
+        load_teacher_weights(teacher, cfg.init_teacher)
+    return tokenizer, model, teacher
+
+
+def check_items(items: list[dict[str, Any]], skipped: dict[str, int], cfg: TrainConfig) -> None:
+    """Refuse to train on nothing, or on what is left after too many unusable items."""
+    n_skipped = sum(
+        n for reason, n in skipped.items() if reason != "truncated"
+    )  # truncated: dropped by policy
+    if not items:
+        raise BadInputError(f"no trainable items (skipped: {skipped}); check the rollout/contexts artifacts")
+    if n_skipped > cfg.max_bad_fraction * (len(items) + n_skipped):
+        raise BadInputError(
+            f"{n_skipped}/{len(items) + n_skipped} items unusable ({skipped}) — over "
+            f"max_bad_fraction={cfg.max_bad_fraction}; refusing to train on what is left"
+        )
+    if sum(skipped.values()):
+        log.warning("skipping %d items: %s", sum(skipped.values()), skipped)
+
+
+def total_steps_for(cfg: TrainConfig, n_items: int) -> int:
+    window_size = cfg.micro_batch_size * cfg.grad_accum
+    steps_per_epoch = max(1, n_items // window_size)
+    return cfg.max_steps or steps_per_epoch * cfg.epochs
+
+
+def accumulate_window(
+    model,
+    teacher,
+    objective: ObjectiveConfig,
+    window: Sequence[dict[str, Any]],
+    *,
+    micro_batch_size: int,
+    pad_id: int,
+) -> tuple[dict[str, float], int]:
+    """Forward + backward over one gradient-accumulation window (gradients accumulate in .grad).
+
+    Returns (the window's stats, items skipped for a non-finite loss). Loss terms and counts of the
+    micro-batches are shares of the window total and are summed (logged = optimised); means are
+    averaged over the window's items.
+    """
+    weights = window_weights(objective, window, micro_batch_size)
+    normalizers = window_normalizer_counts(window, weights, micro_batch_size, faithful=objective.faithful)
+    stats: dict[str, float] = {}
+    bad = 0
+    for m in range(0, len(window), micro_batch_size):
+        micro = window[m : m + micro_batch_size]
+        loss, micro_stats = micro_batch_loss(
+            model, teacher, objective, micro, pad_id=pad_id, weights_by_item=weights, normalizers=normalizers
+        )
+        if not torch.isfinite(loss):
+            bad += len(micro)
+            log.warning("non-finite loss in micro-batch %d of the window: skipped", m // micro_batch_size)
+            continue
+        loss.backward()
+        for k, v in micro_stats.items():
+            share = 1.0 if k in ADDITIVE_STATS else len(micro) / len(window)
+            stats[k] = stats.get(k, 0.0) + float(v) * share
+    return stats, bad
+
+
+def apply_update(params, optimizer, scheduler, teacher, max_grad_norm: float) -> float:
+    """Clip the gradient norm, step the optimizer (skipped when the norm is not finite), the schedule and the
+    teacher; returns the gradient norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    else:
+        log.warning("non-finite gradient norm: optimizer step skipped")
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    teacher.step()
+    return float(grad_norm)
+
+
 def run_train(
     cfg: TrainConfig,
     objective: ObjectiveConfig,
@@ -494,48 +665,39 @@ def run_train(
     Writes `out_dir/adapter` (LoRA) and/or `out_dir/merged` (full HF model dir), `metrics.jsonl`,
     `manifest.json`. `stop_after_steps` ends the process early (used to test kill-and-resume).
     """
-    from unisd.models import default_device, load_tokenizer
-    from unisd.teacher import build_teacher
-
     out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    timer = Timer()
+    ckpt_dir, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
+    stage = begin_stage(
+        "train",
+        out_dir,
+        config={"train": cfg.model_dump(), "objective": objective.model_dump(), "model": model_spec},
+        inputs=train_inputs(prepared_dir, contexts_dir, rollout_dirs, score_dirs),
+        model=cfg.init_adapter,
+    )
+    if stage.done:
+        log.info("train: %s is complete for these inputs", out_dir)
+        return stage.done
+    timer = stage.timer
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = default_device()
     with timer("load"):
-        tokenizer = load_tokenizer(model_spec)
-        model = build_student(model_spec, cfg, device)
-        teacher = build_teacher(
-            objective.teacher,
-            model,
-            beta=objective.ema_beta,
-            every=objective.ema_every,
-            faithful=objective.faithful,
-        )
-    online = cfg.mode == "online"
+        tokenizer, model, teacher = build_models(cfg, objective, model_spec)
+    online = cfg.mode == "online" and objective.uses_rollouts
+    staged = cfg.mode == "staged" and objective.uses_rollouts
     items, skipped = load_training_items(
         prepared_dir,
         contexts_dir,
-        [] if online else rollout_dirs,
-        [] if online else score_dirs,
+        rollout_dirs if staged else [],
+        score_dirs if staged else [],
         need_views=online and objective.uses_views,
         need_negatives=objective.uses_negative,
+        gold_tokenizer=tokenizer if objective.is_sft else None,
+        drop_truncated=cfg.drop_truncated,
     )
-    if not items:
-        raise BadInputError(f"no trainable items (skipped: {skipped}); check the rollout/contexts artifacts")
-    n_total = len(items) + sum(skipped.values())
-    if sum(skipped.values()) > cfg.max_bad_fraction * n_total:
-        raise BadInputError(
-            f"{sum(skipped.values())}/{n_total} items unusable ({skipped}) — over "
-            f"max_bad_fraction={cfg.max_bad_fraction}; refusing to train on what is left"
-        )
-    if sum(skipped.values()):
-        log.warning("skipping %d unusable items: %s", sum(skipped.values()), skipped)
+    check_items(items, skipped, cfg)
     window_size = cfg.micro_batch_size * cfg.grad_accum
-    steps_per_epoch = max(1, len(items) // window_size) if len(items) >= window_size else 1
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    total_steps = total_steps_for(cfg, len(items))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -543,52 +705,40 @@ def run_train(
     )
     state = {"step": 0, "epoch": 0, "position": 0, "bad_items": 0, "seen_items": 0}
     if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+        saved_hash = read_json(ckpt / "trainer_state.json").get("inputs_hash")
+        if saved_hash != stage.inputs_hash:
+            raise ValueError(
+                f"{ckpt_dir} holds checkpoints of a run with other settings or inputs; resuming would mix "
+                f"the two. Use a new --out, or delete {ckpt_dir} to start fresh"
+            )
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, teacher=teacher)
         log.info("resumed from %s (step %d)", ckpt, state["step"])
-    metrics_path = out_dir / "metrics.jsonl"
-    history = read_jsonl(metrics_path) if metrics_path.exists() else []
-    history = [h for h in history if h["step"] <= state["step"]]
-    pad_id = tokenizer.pad_token_id
+    state["inputs_hash"] = stage.inputs_hash
+    history = [
+        h for h in (read_jsonl(metrics_path) if metrics_path.exists() else []) if h["step"] <= state["step"]
+    ]
     order = epoch_order(len(items), cfg.seed, state["epoch"])
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step")
-    started = time.perf_counter()
-    tokens_seen = 0
+    started, tokens_seen = time.perf_counter(), 0
     while state["step"] < total_steps:
         if state["position"] + window_size > len(order) and state["position"] > 0:
-            state["epoch"] += 1
-            state["position"] = 0
+            state["epoch"], state["position"] = state["epoch"] + 1, 0
             order = epoch_order(len(items), cfg.seed, state["epoch"])
         window = [items[i] for i in order[state["position"] : state["position"] + window_size]]
         if online:
             window = [dict(it) for it in window]
             _online_refresh(model, tokenizer, teacher, objective, window, cfg, state["step"])
         with timer("step"):
-            weights = window_weights(objective, window, cfg.micro_batch_size)
-            normalizers = window_normalizer_counts(window, weights, cfg.micro_batch_size)
-            optimizer.zero_grad(set_to_none=True)
-            step_stats: dict[str, float] = {}
-            bad_in_window = 0
-            for m in range(0, len(window), cfg.micro_batch_size):
-                micro = window[m : m + cfg.micro_batch_size]
-                loss, stats = micro_batch_loss(
-                    model,
-                    teacher,
-                    objective,
-                    micro,
-                    pad_id=pad_id,
-                    weights_by_item=weights,
-                    normalizers=normalizers,
-                )
-                if not torch.isfinite(loss):
-                    bad_in_window += len(micro)
-                    log.warning("non-finite loss at step %d (micro-batch %d): skipped", state["step"], m)
-                    continue
-                loss.backward()
-                for k, v in stats.items():
-                    step_stats[k] = step_stats.get(k, 0.0) + float(v) * len(micro) / len(window)
-                tokens_seen += sum(len(it["completion_ids"]) for it in micro)
+            step_stats, bad_in_window = accumulate_window(
+                model,
+                teacher,
+                objective,
+                window,
+                micro_batch_size=cfg.micro_batch_size,
+                pad_id=tokenizer.pad_token_id,
+            )
             state["bad_items"] += bad_in_window
             state["seen_items"] += len(window)
             if state["bad_items"] > cfg.max_bad_fraction * max(state["seen_items"], window_size):
@@ -596,19 +746,15 @@ def run_train(
                     f"{state['bad_items']} of {state['seen_items']} items gave non-finite losses "
                     f"(max_bad_fraction={cfg.max_bad_fraction}); stopping"
                 )
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                log.warning("non-finite gradient norm at step %d: optimizer step skipped", state["step"])
-            scheduler.step()
+            grad_norm = apply_update(params, optimizer, scheduler, teacher, cfg.max_grad_norm)
             state["step"] += 1
             state["position"] += window_size
-            teacher.step()
+        tokens_seen += int(step_stats.get("num_tokens", 0))
         record = {
             "step": state["step"],
             **{k: round(v, 6) for k, v in step_stats.items()},
-            "train/grad_norm": float(grad_norm),
+            **teacher.drift(),
+            "train/grad_norm": grad_norm,
             "train/lr": scheduler.get_last_lr()[0],
             "train/tokens_per_s": tokens_seen / max(time.perf_counter() - started, 1e-9),
             "train/bad_items": state["bad_items"],
@@ -629,29 +775,24 @@ def run_train(
                 state=state,
                 keep=cfg.keep_checkpoints,
             )
-        if stop_after_steps is not None and state["step"] >= stop_after_steps and state["step"] < total_steps:
+        if stop_after_steps is not None and stop_after_steps <= state["step"] < total_steps:
             bar.close()
             return {"stopped_at": state["step"]}
     bar.close()
     with timer("save"):
         write_jsonl(metrics_path, history)
         export = save_trained_model(model, tokenizer, out_dir, cfg)
+        if objective.teacher == "ema" and hasattr(teacher, "pairs"):  # LoRA EMA: the next round continues it
+            export["ema_teacher"] = str(save_teacher_weights(teacher, out_dir / EMA_TEACHER_FILE))
     counts = {
         "items": len(items),
         "skipped": skipped,
         "steps": state["step"],
         "bad_items": state["bad_items"],
+        "tokens": int(sum(h.get("num_tokens", 0) for h in history)),
         "final": history[-1] if history else {},
     }
-    return write_manifest(
-        out_dir,
-        stage="train",
-        config={"train": cfg.model_dump(), "objective": objective.model_dump(), "model": model_spec},
-        inputs_hash="",
-        counts=counts,
-        timings=timer.timings,
-        extra={"export": export},
-    )
+    return stage.finish(counts=counts, extra={"export": export})
 
 
 def save_trained_model(model, tokenizer, out_dir: Path, cfg: TrainConfig) -> dict[str, str]:

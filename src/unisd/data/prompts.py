@@ -7,6 +7,7 @@ Message builders (plain data, `[{"role": ..., "content": ...}]`, an optional sys
     negative_messages(record, negative_text)      the same teacher prompt with a wrong demonstration c-
     context_messages(record, context_text)        an auxiliary context a_k prefixed to x
     solved_example(record, number=None)           one solved training item, as a_k's text is built from
+    gold_completion(record)                       the gold answer in the student's answer format (SFT target)
 
 Rendering:
 
@@ -105,6 +106,15 @@ def _format_instruction(record: Record) -> str:
 def student_prompt(record: Record) -> str:
     """x: the student's user message content for this record."""
     return f"{task_text(record)}\n\n{_format_instruction(record)}"
+
+
+def gold_completion(record: Record) -> str:
+    """The gold answer written the way the student prompt asks for it (the SFT target): the reference for
+    multiple choice ("Reasoning: ...\nAnswer: X") and tool use (Action / Action Input blocks), the gold
+    code in a ```python block for code tasks."""
+    if record.task_kind == "code":
+        return f"```python\n{record.answer.strip()}\n```"
+    return record.reference.strip()
 
 
 def teacher_prompt(record: Record, reference: str | None = None) -> str:

@@ -1,0 +1,317 @@
+"""docs/RESULTS.md from the experiment's result files: per model, every variant's score per held-out benchmark,
+the macro score, paired-bootstrap 95% CIs of the difference to the base model and to plain SD, retention,
+reference fit, compute; plots (differences with CIs, score vs compute); an automatic verdict per model.
+
+    unisd experiment-report --results docs/results/cpu --out docs/RESULTS.md [--notes docs/results/notes.md]
+
+Differences are paired on the same items and stratified by benchmark (each benchmark weighs the same, as
+the paper's average does); seeds of a variant are pooled as more paired items (the base model is greedy and
+seed-independent, so each seed's items pair with the same base answers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unisd.artifacts import read_json, write_text
+from unisd.experiment import BASE
+from unisd.metrics import paired_bootstrap_stratified
+
+REFERENCE_VARIANTS = ("sft", "sd")  # the baselines UniSD* must beat
+
+
+def load_results(results_dir: str | Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{model: {variant: [result per seed, by seed]}} from results/<model>/seed-*/<variant>.json."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    files = sorted(Path(results_dir).glob("*/seed-*/*.json"))
+    if not files:
+        raise FileNotFoundError(f"no result files under {results_dir} (<model>/seed-<s>/<variant>.json)")
+    for path in files:
+        result = read_json(path)
+        out[result["model"]][result["variant"]].append(result)
+    for variants in out.values():
+        for runs in variants.values():
+            runs.sort(key=lambda r: r["seed"])
+    return out
+
+
+def item_scores(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """{benchmark: {"<seed>/<item id>": score}} pooled over the seeds of one variant."""
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for result in results:
+        for benchmark, ev in result["eval"].items():
+            for row in ev["per_item"]:
+                out[benchmark][f"{result['seed']}/{row['id']}"] = float(row["score"])
+    return out
+
+
+def _base_for(base_runs: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, dict[str, float]]:
+    """The base model's item scores keyed like the candidate's seeds (base is seed-independent)."""
+    template = item_scores(base_runs[:1])
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for benchmark, scores in template.items():
+        for key, value in scores.items():
+            item = key.split("/", 1)[1]
+            for seed in seeds:
+                out[benchmark][f"{seed}/{item}"] = value
+    return out
+
+
+def compare(
+    baseline: Mapping[str, Mapping[str, float]], candidate: Mapping[str, Mapping[str, float]]
+) -> dict[str, float] | None:
+    """Stratified paired comparison on the benchmarks and items both have; None when nothing is shared."""
+    groups = {}
+    for benchmark in sorted(set(baseline) & set(candidate)):
+        shared = sorted(set(baseline[benchmark]) & set(candidate[benchmark]))
+        if shared:
+            groups[benchmark] = (
+                {k: baseline[benchmark][k] for k in shared},
+                {k: candidate[benchmark][k] for k in shared},
+            )
+    if not groups:
+        return None
+    c = paired_bootstrap_stratified(groups, n_resamples=4000)
+    return {"delta": c.delta, "low": c.ci_low, "high": c.ci_high, "p_better": c.p_better, "n": c.n}
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarize_variant(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-benchmark score (mean over seeds), macro score, retention, fit, compute of one variant."""
+    benchmarks = sorted({b for r in runs for b in r["eval"]})
+
+    def agg(key: str, benchmark: str) -> float:
+        return _mean([r["eval"][benchmark]["aggregate"].get(key) for r in runs if benchmark in r["eval"]])
+
+    per_bench = {b: agg("score", b) for b in benchmarks}
+    unparseable = sum(
+        r["eval"][b]["aggregate"].get("unparseable") or 0 for r in runs for b in r["eval"]
+    ) / max(1, len(runs))
+    train_tokens = [r["train"]["tokens"] for r in runs if r.get("train") and r["train"].get("tokens")]
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "per_benchmark": per_bench,
+        "macro": _mean(list(per_bench.values())),
+        "unparseable": unparseable,
+        "retention_ppl": _mean([agg("retention_ppl", b) for b in benchmarks]),
+        "retention_jsd": _mean([agg("retention_jsd", b) for b in benchmarks]),
+        "reference_nll": _mean([agg("reference_nll", b) for b in benchmarks]),
+        "train_s": _mean([r["seconds"]["train"] for r in runs]),
+        "eval_s": _mean([r["seconds"]["eval"] for r in runs]),
+        "train_tokens": _mean(train_tokens) if train_tokens else float("nan"),
+        "items": {b: len(runs[0]["eval"][b]["per_item"]) for b in benchmarks if b in runs[0]["eval"]},
+    }
+
+
+def model_table(
+    variants: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per variant (summary + Δ vs base and vs sd), and the benchmarks."""
+    order = [BASE, *REFERENCE_VARIANTS]
+    names = [v for v in order if v in variants] + sorted(v for v in variants if v not in order)
+    base_runs = variants.get(BASE, [])
+    sd_scores = item_scores(variants["sd"]) if "sd" in variants else None
+    rows, benchmarks = [], set()
+    for name in names:
+        runs = variants[name]
+        summary = summarize_variant(runs)
+        benchmarks |= set(summary["per_benchmark"])
+        scores = item_scores(runs)
+        row = {"variant": name, **summary}
+        if base_runs and name != BASE:
+            row["vs_base"] = compare(_base_for(base_runs, summary["seeds"]), scores)
+        if sd_scores is not None and name not in (BASE, "sd"):
+            row["vs_sd"] = compare(sd_scores, scores)
+        rows.append(row)
+    return rows, sorted(benchmarks)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _delta(c: Mapping[str, float] | None) -> str:
+    if not c:
+        return "–"
+    sign = "**" if c["low"] > 0 or c["high"] < 0 else ""
+    return f"{sign}{c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]{sign}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], benchmarks: Sequence[str]) -> str:
+    head = [
+        "variant",
+        "seeds",
+        *benchmarks,
+        "macro",
+        "Δ vs base [95% CI]",
+        "Δ vs sd [95% CI]",
+        "unparseable/run",
+        "PPL_ret",
+        "JSD",
+        "ref NLL",
+        "train s",
+        "eval s",
+        "train tokens",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            f"`{r['variant']}`",
+            ",".join(map(str, r["seeds"])),
+            *[_fmt(r["per_benchmark"].get(b)) for b in benchmarks],
+            _fmt(r["macro"]),
+            _delta(r.get("vs_base")),
+            _delta(r.get("vs_sd")),
+            _fmt(r["unparseable"], 1),
+            _fmt(r["retention_ppl"], 2),
+            _fmt(r["retention_jsd"], 4),
+            _fmt(r["reference_nll"], 3),
+            _fmt(r["train_s"], 0),
+            _fmt(r["eval_s"], 0),
+            _fmt(r["train_tokens"], 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def verdict(model: str, rows: Sequence[Mapping[str, Any]], variants: Mapping[str, Sequence[Mapping]]) -> str:
+    """UniSD* against the base and the strongest baseline, said plainly (CIs decide, not the point estimate)."""
+    by = {r["variant"]: r for r in rows}
+    star = by.get("unisd_star")
+    if star is None:
+        return f"- **{model}**: no UniSD* result yet."
+
+    def said(c: Mapping[str, float] | None, other: str) -> str:
+        if not c:
+            return f"not compared with {other}"
+        ci = f"Δ {c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+        if c["low"] > 0:
+            return f"better than {other} with 95% confidence ({ci})"
+        if c["high"] < 0:
+            return f"worse than {other} with 95% confidence ({ci})"
+        return f"not distinguishable from {other} ({ci}: the CI spans 0)"
+
+    parts = [said(star.get("vs_base"), "the base model")]
+    baselines = [by[v] for v in REFERENCE_VARIANTS if v in by]
+    if baselines:
+        strongest = max(baselines, key=lambda r: r["macro"])["variant"]
+        versus = compare(item_scores(variants[strongest]), item_scores(variants["unisd_star"]))
+        parts.append(said(versus, f"the strongest baseline, `{strongest}`"))
+    best = max(rows, key=lambda r: r["macro"] if math.isfinite(r["macro"]) else -1)
+    return f"- **{model}**: UniSD* is {'; '.join(parts)}. Best macro score: `{best['variant']}` ({best['macro']:.3f})."
+
+
+def _plot_deltas(model: str, rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    shown = [r for r in rows if r.get("vs_base")]
+    fig = Figure(figsize=(max(6, 0.7 * len(shown) + 2), 3.8), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(shown))
+    d = [r["vs_base"]["delta"] for r in shown]
+    err = [
+        [r["vs_base"]["delta"] - r["vs_base"]["low"] for r in shown],
+        [r["vs_base"]["high"] - r["vs_base"]["delta"] for r in shown],
+    ]
+    colors = [
+        "#2ca02c" if r["vs_base"]["low"] > 0 else "#d62728" if r["vs_base"]["high"] < 0 else "#7f7f7f"
+        for r in shown
+    ]
+    ax.bar(x, d, yerr=err, capsize=4, color=colors, edgecolor="black", linewidth=0.5)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, [r["variant"] for r in shown], rotation=35, ha="right")
+    ax.set_ylabel("macro score − base (95% CI)")
+    ax.set_title(f"{model}: difference to the base model (green/red: CI excludes 0)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path)
+
+
+def _plot_compute(model: str, rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    for r in rows:
+        cost = (r["train_s"] if math.isfinite(r["train_s"]) else 0.0) / 60
+        ax.scatter(cost, r["macro"], s=30)
+        ax.annotate(r["variant"], (cost, r["macro"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("training wall time per run (min, this machine)")
+    ax.set_ylabel("macro score")
+    ax.set_title(f"{model}: score vs training compute")
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+
+
+def _slug(model: str) -> str:
+    return model.replace("/", "_").replace(":", "_")
+
+
+def build_results_report(
+    results_dir: str | Path, out_md: str | Path, *, notes: str | Path | None = None
+) -> Path:
+    """Write RESULTS.md (and PNG plots next to it under results/) from the result files."""
+    results = load_results(results_dir)
+    out_md = Path(out_md)
+    plots = out_md.parent / "results"
+    plots.mkdir(parents=True, exist_ok=True)
+    all_runs = [r for variants in results.values() for runs in variants.values() for r in runs]
+    total_s = sum(r["seconds"]["variant_total"] for r in all_runs)
+    shared_s = sum(sum(r["seconds"]["shared"].values()) for r in all_runs)
+    dates = sorted(r["finished_at"] for r in all_runs)
+    machines = sorted(
+        {
+            f"{m['cores']} cores, {m['cpu']}" + (f", {m['cuda']}" if m.get("cuda") else "")
+            for m in (r["machine"] for r in all_runs)
+        }
+    )
+    lines = [
+        "# Results: does UniSD improve a small model?",
+        "",
+        f"Generated by `unisd experiment-report --results {results_dir} --out {out_md}` from the committed result",
+        "files (one per model × seed × variant, written by `unisd experiment`). Scores are on held-out items",
+        "only. **Bold** differences have a 95% paired-bootstrap CI (stratified by benchmark) that excludes 0.",
+        "",
+        f"- machine: {'; '.join(machines)}",
+        f"- finished: {dates[0]} … {dates[-1]}",
+        f"- compute: {len(all_runs)} result files, {total_s / 3600:.2f} h of variant time + {shared_s / 3600:.2f} h of shared stages",
+        "",
+    ]
+    if notes and Path(notes).exists():
+        lines += [Path(notes).read_text().strip(), ""]
+    verdicts = []
+    for model, variants in results.items():
+        rows, benchmarks = model_table(variants)
+        items = rows[0]["items"]
+        lines += [
+            f"## {model}",
+            "",
+            "Held-out items per benchmark: " + ", ".join(f"{b} {n}" for b, n in items.items()) + ".",
+            "",
+            markdown_table(rows, benchmarks),
+        ]
+        if any(r.get("vs_base") for r in rows):
+            _plot_deltas(model, rows, plots / f"{_slug(model)}-delta.png")
+            _plot_compute(model, rows, plots / f"{_slug(model)}-compute.png")
+            lines += [
+                f"![{model}: difference to base](results/{_slug(model)}-delta.png)",
+                f"![{model}: score vs compute](results/{_slug(model)}-compute.png)",
+                "",
+            ]
+        verdicts.append(verdict(model, rows, variants))
+    lines += ["## Verdict", "", *verdicts, ""]
+    write_text(out_md, "\n".join(lines))
+    return out_md

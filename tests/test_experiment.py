@@ -1,0 +1,109 @@
+"""`unisd experiment` + `unisd experiment-report` on a tiny model and real CommonsenseQA items: shared stages
+computed once, one result file per variant, a rerun that skips, a changed setting that reruns, and the report
+with paired CIs and plots."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+
+from unisd.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path, lr=1e-3):
+    cfg = {
+        "experiment": {
+            "name": "tiny",
+            "plans": [
+                {
+                    "model": "tiny:llama",
+                    "seeds": [0, 1],
+                    "variants": ["base", "sft", "sd", "agreement_seq_random"],
+                }
+            ],
+            "eval_overrides": {"commonsenseqa": {"limit": 4}},
+        },
+        "run": {
+            "prepare": {"benchmarks": ["commonsenseqa"], "train_limit": 4, "eval_limit": 6},
+            "rollout": {"max_new_tokens": 6, "batch_size": 4},
+            "scoring": {"batch_size": 4},
+            "train": {
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                "lr": lr,
+                "micro_batch_size": 2,
+                "grad_accum": 2,
+                "max_steps": 1,
+            },
+            "eval": {
+                "max_new_tokens": 6,
+                "batch_size": 4,
+                "bootstrap_samples": 200,
+                "retention_reverse": False,
+            },
+        },
+    }
+    path = tmp_path / f"exp-{lr}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_experiment_runs_resumes_and_reports(tmp_path):
+    config = _config(tmp_path)
+    work, results = tmp_path / "work", tmp_path / "results"
+    args = ["experiment", "--config", str(config), "--work", str(work), "--results", str(results)]
+    assert main(args) == 0
+    files = sorted(p.relative_to(results).as_posix() for p in results.rglob("*.json"))
+    assert files == [
+        f"tiny_llama/seed-{s}/{v}.json" for s in (0, 1) for v in ("agreement_seq_random", "base", "sd", "sft")
+    ]
+    sd = json.loads((results / "tiny_llama/seed-0/sd.json").read_text())
+    assert sd["train"]["steps"] == 1 and sd["objective"]["method"] == "distill"
+    assert len(sd["eval"]["commonsenseqa"]["per_item"]) == 4  # the per-benchmark override
+    assert "retention_ppl" in sd["eval"]["commonsenseqa"]["aggregate"]
+    sft = json.loads((results / "tiny_llama/seed-0/sft.json").read_text())
+    assert sft["objective"]["method"] == "sft" and "sft_loss" in sft["train"]["final"]
+    # Shared once per seed: one rollout, one scoring folder for the one context kind used.
+    seed0 = work / "tiny_llama" / "seed-0"
+    assert sorted(p.name for p in seed0.iterdir()) == [
+        "contexts-random",
+        "prepared",
+        "rollout",
+        "scores-random",
+        "variants",
+    ]
+    assert not (seed0 / "variants" / "sd" / "train" / "merged").exists()  # weights dropped after eval
+    # The held-out items are the same for both seeds (eval_seed), the training sample is not.
+    ids = [
+        [
+            r["id"]
+            for r in json.loads((results / f"tiny_llama/seed-{s}/base.json").read_text())["eval"][
+                "commonsenseqa"
+            ]["per_item"]
+        ]
+        for s in (0, 1)
+    ]
+    assert ids[0] == ids[1]
+
+    stamp = {p: p.stat().st_mtime_ns for p in results.rglob("*.json")}
+    started = time.perf_counter()
+    assert main(args) == 0  # everything finished: nothing reruns
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*.json")} == stamp
+    assert time.perf_counter() - started < 30
+
+    changed = _config(tmp_path, lr=5e-4)  # a changed training setting reruns the trained variants only
+    assert main(["experiment", "--config", str(changed), "--work", str(work), "--results", str(results)]) == 0
+    after = {p: p.stat().st_mtime_ns for p in results.rglob("*.json")}
+    rerun = sorted(p.name for p in after if after[p] != stamp[p])
+    assert rerun == sorted(["sd.json", "sft.json", "agreement_seq_random.json"] * 2)
+
+    out = tmp_path / "docs" / "RESULTS.md"
+    assert main(["experiment-report", "--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## tiny:llama" in text and "| `sd` | 0,1 |" in text and "Δ vs base" in text
+    assert "## Verdict" in text and "no UniSD* result yet" in text
+    assert (tmp_path / "docs" / "results" / "tiny_llama-delta.png").stat().st_size > 1000
