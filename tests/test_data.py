@@ -17,6 +17,7 @@ import pytest
 
 from unisd.data import benchmarks as B
 from unisd.data.benchmarks import (
+    BENCHMARKS,
     assign_split,
     available_splits,
     gpqa_choice_order,
@@ -25,7 +26,7 @@ from unisd.data.benchmarks import (
     render_tool_calls,
     resolve_data_dir,
 )
-from unisd.data.records import BENCHMARKS, Record
+from unisd.data.records import Record
 
 try:
     DATA_DIR: Path | None = resolve_data_dir()

@@ -262,30 +262,3 @@ def test_paired_bootstrap_refuses_nan_and_mismatched_ids():
         metrics.paired_bootstrap({"a": 1.0, "b": 0.0}, {"a": 1.0, "b": float("nan")})
     with pytest.raises(ValueError, match="different items"):
         metrics.paired_bootstrap({"a": 1.0}, {"b": 1.0})
-
-
-# --------------------------------------------------------------------------------------------------
-# results table
-
-
-def test_results_table_json_and_markdown():
-    rows = {
-        "mbpp": {"pass_at_1": 0.4125, "n": 500, "ci_low": 0.37, "ci_high": 0.455},
-        "gpqa": {"accuracy": 0.30, "n": 198, "unparseable": 3},
-    }
-    data, markdown = metrics.results_table(rows)
-    assert data["columns"] == ["benchmark", "pass_at_1", "n", "ci_low", "ci_high", "accuracy", "unparseable"]
-    assert data["rows"][1] == {
-        "benchmark": "gpqa",
-        "pass_at_1": None,
-        "n": 198,
-        "ci_low": None,
-        "ci_high": None,
-        "accuracy": 0.30,
-        "unparseable": 3,
-    }
-    json.dumps(data)  # JSON-ready
-    lines = markdown.strip().splitlines()
-    assert lines[0] == "| benchmark | pass_at_1 | n | ci_low | ci_high | accuracy | unparseable |"
-    assert lines[2] == "| mbpp | 0.412 | 500 | 0.370 | 0.455 | – | – |"
-    assert lines[3] == "| gpqa | – | 198 | – | – | 0.300 | 3 |"

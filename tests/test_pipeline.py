@@ -173,12 +173,17 @@ def _posted(requests, fragment):
     return [r for r in requests if r["method"] == "POST" and fragment in r["path"]]
 
 
-def test_submit_sends_pipeline_spec_and_parameters(kfp_api):
+CLUSTER_MLFLOW = "http://unisd-mlflow.unisd.svc.cluster.local:5000"
+
+
+def test_submit_sends_pipeline_spec_and_parameters(kfp_api, capsys):
     host, requests = kfp_api
-    assert main(["submit", "--host", host, "--run-name", "nightly", "preset=sd"]) == 0
+    args = ["submit", "--host", host, "--run-name", "nightly", "--mlflow-uri", CLUSTER_MLFLOW]
+    assert main([*args, "preset=sd", "train.lr=3e-5", "eval.limit=5"]) == 0
     runs = _posted(requests, "/runs")
     assert len(runs) == 1
     body = runs[0]["body"]
+    print(json.dumps(body["runtime_config"], indent=2))  # the request body (pasted in the closing note)
     assert body["display_name"] == "nightly" and body["experiment_id"] == "exp-1"
     # With kubernetes platform settings the client sends {pipeline_spec, platform_spec}.
     spec = body["pipeline_spec"]["pipeline_spec"]
@@ -188,11 +193,72 @@ def test_submit_sends_pipeline_spec_and_parameters(kfp_api):
     params = body["runtime_config"]["parameters"]
     assert params["preset"] == "sd" and params["model"] == "smollm2-135m-instruct"
     assert params["benchmarks"] == ["mbpp", "commonsenseqa"]
+    assert params["mlflow_tracking_uri"] == CLUSTER_MLFLOW  # never the laptop's sqlite file
+    submitted = yaml.safe_load(params["config_yaml"])  # every override reaches the run, UI or not
+    assert submitted["train"]["lr"] == 3e-5 and submitted["eval"]["limit"] == 5
+    assert submitted["tracking"]["tracking_uri"] == CLUSTER_MLFLOW
+
+
+def test_submit_refuses_a_local_tracking_uri(kfp_api, capsys, monkeypatch):
+    host, requests = kfp_api
+    monkeypatch.delenv("UNISD_MLFLOW_TRACKING_URI", raising=False)
+    assert main(["submit", "--host", host]) == 2
+    assert "is a local file: a cluster run cannot reach it" in capsys.readouterr().err
+    assert not _posted(requests, "/runs")  # refused before anything was sent
+    monkeypatch.setenv("UNISD_MLFLOW_TRACKING_URI", CLUSTER_MLFLOW)  # the cluster settings ConfigMap
+    assert main(["submit", "--host", host]) == 0
+    assert (
+        _posted(requests, "/runs")[0]["body"]["runtime_config"]["parameters"]["mlflow_tracking_uri"]
+        == CLUSTER_MLFLOW
+    )
+
+
+def test_ui_parameters_at_their_default_do_not_override_the_config():
+    from unisd.pipeline_steps import UI_PARAMETERS, resolve_config, ui_values
+    from unisd.runconfig import load_run_config
+
+    defaults = ui_values(load_run_config())
+    submitted = yaml.safe_dump({"model": "tiny:llama", "train": {"max_steps": 7}, "preset": "sd"})
+    resolved = yaml.safe_load(resolve_config(submitted, defaults, defaults))  # the UI left alone
+    assert (
+        resolved["model"] == "tiny:llama"
+        and resolved["train"]["max_steps"] == 7
+        and resolved["preset"] == "sd"
+    )
+    changed = {**defaults, "preset": "ema", "num_shards": 3}  # set in the UI: wins over the config
+    resolved = yaml.safe_load(resolve_config(submitted, changed, defaults, ["train.max_steps=9"]))
+    assert (resolved["preset"], resolved["pipeline"]["shards"], resolved["train"]["max_steps"]) == (
+        "ema",
+        3,
+        9,
+    )
+    assert {p.name for p in UI_PARAMETERS} == set(defaults)
+
+
+def test_pipeline_signature_and_config_op_follow_the_ui_parameter_table(compiled):
+    from unisd.pipeline_steps import UI_PARAMETERS
+
+    _, spec, _ = compiled
+    names = {p.name for p in UI_PARAMETERS}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == names | {"config_yaml", "extra_overrides"}
+    op_inputs = set(spec["components"]["comp-resolve-config-op"]["inputDefinitions"]["parameters"])
+    assert op_inputs == names | {"config_yaml", "extra_overrides", "ui_defaults"}
 
 
 def test_schedule_sends_cron_and_parameters(kfp_api):
     host, requests = kfp_api
-    assert main(["schedule", "--host", host, "--cron", "0 0 2 * * *", "--max-concurrency", "1"]) == 0
+    args = [
+        "schedule",
+        "--host",
+        host,
+        "--cron",
+        "0 0 2 * * *",
+        "--max-concurrency",
+        "1",
+        "--mlflow-uri",
+        CLUSTER_MLFLOW,
+    ]
+    assert main(args) == 0
     recurring = _posted(requests, "/recurringruns")
     assert len(recurring) == 1
     body = recurring[0]["body"]
@@ -200,6 +266,7 @@ def test_schedule_sends_cron_and_parameters(kfp_api):
     assert body["max_concurrency"] in ("1", 1) and body["no_catchup"] is True
     assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "unisd-self-distillation"
     assert body["runtime_config"]["parameters"]["preset"] == "unisd_star"
+    assert body["runtime_config"]["parameters"]["mlflow_tracking_uri"] == CLUSTER_MLFLOW
 
 
 def test_schedule_rejects_five_field_cron(kfp_api):

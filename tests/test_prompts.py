@@ -8,8 +8,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from unisd.data import prompts as P
-from unisd.data.benchmarks import render_tool_calls, resolve_data_dir
-from unisd.data.records import BENCHMARKS, Record
+from unisd.data.benchmarks import BENCHMARKS, render_tool_calls, resolve_data_dir
+from unisd.data.records import Record
 
 MC = Record(
     id="cqa/x",

@@ -6,7 +6,7 @@ import pytest
 
 from unisd.artifacts import read_jsonl, write_jsonl
 from unisd.models import tiny_model
-from unisd.rollout import RolloutConfig, generate_hf, run_rollout, shard_range
+from unisd.rollout import PARTIAL_KEY, RolloutConfig, generate_hf, rollout_stage, run_rollout, shard_range
 from unisd.scoring import _score_rows_plain
 
 
@@ -71,11 +71,13 @@ def test_run_rollout_shards_and_resumes_from_partial(model, tmp_path):
     )
     out = tmp_path / "shard1"
     out.mkdir()
-    # A previous, killed run finished item x/4 (with a marker text we can recognise).
+    # A previous, killed run with these settings finished item x/4 (with a marker text we can recognise).
     (out / "partial.jsonl").write_text(
         json.dumps({"id": "x/4", "completion_ids": [9], "text": "KEPT", "finished": False, "logps": [-1.0]})
         + "\n"
     )
+    key = rollout_stage(cfg, "tiny:llama", prepared / "train.jsonl", out).inputs_hash
+    (out / PARTIAL_KEY).write_text(key + "\n")
     manifest = run_rollout(
         cfg, model_spec="tiny:llama", prepared_dir=prepared, out_dir=out, model=model, tokenizer=_Tok()
     )
@@ -88,3 +90,31 @@ def test_run_rollout_shards_and_resumes_from_partial(model, tmp_path):
         cfg, model_spec="tiny:llama", prepared_dir=prepared, out_dir=out, model=None, tokenizer=_Tok()
     )
     assert again["finished_at"] == manifest["finished_at"]
+
+
+def test_partial_rollout_from_other_settings_is_discarded_not_mixed(model, tmp_path):
+    """Killed with max_new_tokens=150, rerun with 4: the old rows are not reused (they would be mixed into a
+    manifest that says 4)."""
+    prepared = tmp_path / "prepared"
+    rows = [{"id": f"x/{i}", "student_prompt_ids": [5 + i, 6], "teacher_prompt_ids": [1]} for i in range(3)]
+    write_jsonl(prepared / "train.jsonl", rows)
+    old = RolloutConfig(backend="hf", temperature=0.0, max_new_tokens=150, batch_size=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {
+        "id": "x/0",
+        "completion_ids": [9] * 150,
+        "text": "OLD",
+        "finished": False,
+        "logps": [-1.0] * 150,
+    }
+    (out / "partial.jsonl").write_text(json.dumps(stale) + "\n")
+    (out / PARTIAL_KEY).write_text(
+        rollout_stage(old, "tiny:llama", prepared / "train.jsonl", out).inputs_hash + "\n"
+    )
+    new = old.model_copy(update={"max_new_tokens": 4})
+    run_rollout(
+        new, model_spec="tiny:llama", prepared_dir=prepared, out_dir=out, model=model, tokenizer=_Tok()
+    )
+    done = read_jsonl(out / "completions.jsonl")
+    assert all(r["text"] != "OLD" and len(r["completion_ids"]) <= 4 for r in done)

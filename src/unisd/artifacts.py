@@ -216,8 +216,10 @@ class Stage:
         self.name, self.out_dir, self.config, self.inputs_hash = name, out_dir, config, inputs_hash
         self.timer = Timer()
         self.done = completed_manifest(out_dir, inputs_hash)
-        if self.done is None and (out_dir / MANIFEST).exists():
-            # Finished with other inputs: the directory is about to be rewritten, so it is no longer complete.
+        # Finished with other inputs: the folder is about to be rewritten, so it is no longer complete, and
+        # whatever progress it holds (checkpoints, partial files) belongs to that other run.
+        self.stale = self.done is None and (out_dir / MANIFEST).exists()
+        if self.stale:
             log.info("%s: %s was made from other inputs; running again", name, out_dir)
             (out_dir / MANIFEST).unlink()
 

@@ -22,166 +22,158 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
+    """The run config of a stage command: the YAML, the overrides, and --model as the `model` override."""
     from unisd.runconfig import CONFIG_DIR, load_run_config
 
-    cfg = load_run_config(args.config or CONFIG_DIR / "demo.yaml", args.overrides)
-    return cfg, args.model or cfg.model
+    overrides = list(args.overrides) + ([f"model={args.model}"] if getattr(args, "model", None) else [])
+    return load_run_config(args.config or CONFIG_DIR / "demo.yaml", overrides)
 
 
 def _print(manifest: dict) -> int:
-    print(json.dumps({k: manifest.get(k) for k in ("stage", "counts", "timings_s")}, indent=2, default=str))
+    print(
+        json.dumps(
+            {k: manifest.get(k) for k in ("stage", "skipped", "counts", "timings_s") if k in manifest},
+            indent=2,
+            default=str,
+        )
+    )
     return 0
 
 
-def _prepare_args(p):
-    _config_args(p)
-    p.add_argument("--out", required=True)
+def _stage_args(*inputs: str, shards: bool = False, student: bool = False):
+    """argparse builder: --config/--model/overrides, the input folders, --out (+ shard / student options)."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        _config_args(p)
+        for name in inputs:
+            many = name in ("rollouts", "scores")
+            p.add_argument(
+                f"--{name}",
+                required=name == "prepared",
+                nargs="+" if many else None,
+                default=[] if many else None,
+            )
+        if shards:
+            p.add_argument("--shard-index", type=int, default=0)
+            p.add_argument("--num-shards", type=int, default=1)
+        if student:
+            p.add_argument("--student", default=None, help="a train output folder: use its trained student")
+        p.add_argument("--out", required=True)
+
+    return add
 
 
 @command(
     "prepare",
     "benchmarks → training records (student/teacher prompts) and held-out eval records",
-    _prepare_args,
+    _stage_args(),
 )
 def cmd_prepare(args):
-    from unisd.prepare import run_prepare
+    from unisd import pipeline_steps
 
-    cfg, model = _load(args)
-    return _print(run_prepare(cfg.prepare, model_spec=model, out_dir=args.out))
-
-
-def _contexts_args(p):
-    _config_args(p)
-    p.add_argument("--prepared", required=True)
-    p.add_argument("--out", required=True)
+    return _print(pipeline_steps.prepare(_load(args), args.out))
 
 
-@command("contexts", "K auxiliary contexts per item + negative demonstrations", _contexts_args)
+@command("contexts", "K auxiliary contexts per item + negative demonstrations", _stage_args("prepared"))
 def cmd_contexts(args):
-    from unisd.contexts import run_contexts
+    from unisd import pipeline_steps
 
-    cfg, model = _load(args)
-    return _print(
-        run_contexts(cfg.contexts_config(), model_spec=model, prepared_dir=args.prepared, out_dir=args.out)
-    )
+    return _print(pipeline_steps.contexts(_load(args), args.prepared, args.out))
 
 
-def _shard_args(p):
-    p.add_argument("--shard-index", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
-
-
-def _rollout_args(p):
-    _config_args(p)
-    _shard_args(p)
-    p.add_argument("--prepared", required=True)
-    p.add_argument("--out", required=True)
-
-
-@command("rollout", "on-policy completions of the student (sharded, resumable)", _rollout_args)
+@command(
+    "rollout",
+    "on-policy completions of the student (sharded, resumable)",
+    _stage_args("prepared", shards=True, student=True),
+)
 def cmd_rollout(args):
-    from unisd.rollout import run_rollout
+    from unisd import pipeline_steps
 
-    cfg, model = _load(args)
-    rcfg = cfg.rollout.model_copy(update={"shard_index": args.shard_index, "num_shards": args.num_shards})
-    return _print(run_rollout(rcfg, model_spec=model, prepared_dir=args.prepared, out_dir=args.out))
-
-
-def _score_args(p):
-    _config_args(p)
-    _shard_args(p)
-    p.add_argument("--prepared", required=True)
-    p.add_argument("--contexts", required=True)
-    p.add_argument("--rollouts", nargs="+", required=True, help="rollout shard directories")
-    p.add_argument("--out", required=True)
+    manifest = pipeline_steps.rollout(
+        _load(args), args.prepared, args.out, args.shard_index, args.num_shards, args.student
+    )
+    return _print(manifest)
 
 
-@command("score", "multi-view scoring: K views' sampled-token log-probs and agreement weights", _score_args)
+@command(
+    "score",
+    "multi-view scoring: K views' sampled-token log-probs and agreement weights",
+    _stage_args("prepared", "contexts", "rollouts", shards=True, student=True),
+)
 def cmd_score(args):
-    from unisd.scoring import run_scoring
+    from unisd import pipeline_steps
 
-    cfg, model = _load(args)
-    scfg = cfg.scoring.model_copy(update={"shard_index": args.shard_index, "num_shards": args.num_shards})
+    cfg = _load(args)
     return _print(
-        run_scoring(
-            scfg,
-            model_spec=model,
-            prepared_dir=args.prepared,
-            contexts_dir=args.contexts,
-            rollout_dirs=args.rollouts,
-            out_dir=args.out,
-            objective=cfg.objective_config(),
+        pipeline_steps.score(
+            cfg,
+            args.prepared,
+            args.contexts,
+            args.rollouts,
+            args.out,
+            args.shard_index,
+            args.num_shards,
+            args.student,
         )
     )
 
 
 def _train_args(p):
-    _config_args(p)
-    p.add_argument("--prepared", required=True)
-    p.add_argument("--contexts", default=None)
-    p.add_argument("--rollouts", nargs="*", default=[])
-    p.add_argument("--scores", nargs="*", default=[])
-    p.add_argument("--init-adapter", default=None, help="continue from a previous round's adapter")
-    p.add_argument("--out", required=True)
+    _stage_args("prepared", "contexts", "rollouts", "scores")(p)
+    p.add_argument(
+        "--previous", default=None, help="the previous round's train folder (continue its adapter)"
+    )
+    p.add_argument(
+        "--restart", action="store_true", help="discard checkpoints of an unfinished earlier run in --out"
+    )
 
 
 @command("train", "distillation training (resumes from the last checkpoint in --out)", _train_args)
 def cmd_train(args):
-    from unisd.train import run_train
+    from unisd import pipeline_steps
 
-    cfg, model = _load(args)
-    tcfg = (
-        cfg.train.model_copy(update={"init_adapter": args.init_adapter}) if args.init_adapter else cfg.train
+    cfg = _load(args)
+    manifest = pipeline_steps.train(
+        cfg,
+        args.prepared,
+        args.contexts,
+        args.rollouts,
+        args.scores,
+        args.out,
+        previous=args.previous,
+        restart=args.restart,
     )
-    return _print(
-        run_train(
-            tcfg,
-            cfg.objective_config(),
-            model_spec=model,
-            prepared_dir=args.prepared,
-            contexts_dir=args.contexts,
-            rollout_dirs=args.rollouts,
-            score_dirs=args.scores,
-            out_dir=args.out,
-        )
-    )
+    return _print(manifest)
 
 
 def _eval_args(p):
-    _config_args(p)
-    p.add_argument("--prepared", required=True)
+    _stage_args("prepared", student=True)(p)
     p.add_argument(
         "--benchmark",
         required=True,
         help="a benchmark, a comma-separated list, or 'all' (every eval file in --prepared); "
         "with more than one, results go to OUT/<benchmark>/ and OUT/table.md",
     )
-    p.add_argument("--base", default=None, help="base model spec for retention metrics")
-    p.add_argument("--out", required=True)
 
 
 @command("eval", "benchmark evaluation (sandboxed execution, MCQ, tool calls, retention, fit)", _eval_args)
 def cmd_eval(args):
-    from unisd.evaluate import results_table, run_eval
+    from unisd import pipeline_steps
+    from unisd.evaluate import results_table
 
-    cfg, model = _load(args)
+    cfg = _load(args)
     if args.benchmark == "all":
         benchmarks = sorted(p.stem for p in (Path(args.prepared) / "eval").glob("*.jsonl"))
     else:
         benchmarks = [b.strip() for b in args.benchmark.split(",") if b.strip()]
     if not benchmarks:
         raise ValueError(f"--benchmark {args.benchmark!r}: no benchmarks (is {args.prepared}/eval empty?)")
-    aggregates = []
-    for benchmark in benchmarks:
-        results = run_eval(
-            cfg.eval,
-            model_spec=model,
-            benchmark=benchmark,
-            prepared_dir=args.prepared,
-            out_dir=args.out if len(benchmarks) == 1 else Path(args.out) / benchmark,
-            base_spec=args.base,
+    aggregates = [
+        pipeline_steps.evaluate(
+            cfg, args.prepared, b, args.out if len(benchmarks) == 1 else str(Path(args.out) / b), args.student
         )
-        aggregates.append(results["aggregate"])
+        for b in benchmarks
+    ]
     table = results_table(aggregates)
     if len(benchmarks) > 1:
         write_text(Path(args.out) / "table.md", table)
@@ -217,7 +209,7 @@ def cmd_promote(args):
         overrides.append(f"tracking.registered_model={args.model}")
     if args.tracking_uri:
         overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
-    cfg, _ = _load(argparse.Namespace(config=args.config, model=None, overrides=overrides))
+    cfg = _load(argparse.Namespace(config=args.config, model=None, overrides=overrides))
     if args.rollback:
         result = tracking.rollback(cfg.tracking, args.version, reason=args.reason)
         print(

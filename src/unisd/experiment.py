@@ -7,7 +7,8 @@ for several models and seeds, trained and evaluated on held-out splits; one smal
       eval_overrides: {mbpp: {limit: 32, max_new_tokens: 384}}
     run: {...}                        # a run config (prepare / rollout / scoring / train / eval sections)
 
-A variant is `base` (the model untouched) or an objective preset. Per (model, seed) the stages every variant
+A variant is `base` (the model untouched), an objective preset, or a named variant (a preset plus train /
+objective overrides, under `experiment.variants`). Per (model, seed) the stages every variant
 starts from are computed once and shared: prepare (the seed draws the training sample; the held-out sample
 is fixed by `prepare.eval_seed`), one rollout of the base student, one contexts folder per context kind the
 variants use (negatives only in the retrieval one, which every contrastive variant reads), and one scoring
@@ -45,26 +46,51 @@ NEGATIVES_KIND = (
 )
 
 
+class VariantSpec(StrictModel):
+    """A named variant: a preset plus train/objective overrides (e.g. an lr, online mode)."""
+
+    preset: str
+    overrides: list[str] = []
+
+    @model_validator(mode="after")
+    def _only_what_variants_may_change(self) -> VariantSpec:
+        # The shared stages (prepare, contexts, rollout, scores) are computed once for all variants, so a
+        # variant may only change what happens after them.
+        bad = [o for o in self.overrides if not o.split("=", 1)[0].startswith(("train.", "objective."))]
+        if bad:
+            raise ValueError(
+                f"variant overrides may set train.* and objective.* only (shared stages), got {bad}"
+            )
+        return self
+
+
 class ModelPlan(StrictModel):
     model: str
     seeds: list[int] = Field([0], min_length=1)
-    variants: list[str] = Field(..., min_length=1)
-
-    @model_validator(mode="after")
-    def _known_variants(self) -> ModelPlan:
-        from unisd.objective import PRESETS
-
-        unknown = [v for v in self.variants if v != BASE and v not in PRESETS]
-        if unknown:
-            raise ValueError(
-                f"unknown variant(s) {unknown}: 'base' or a preset ({', '.join(sorted(PRESETS))})"
-            )
-        return self
+    variants: list[str] = Field(..., min_length=1)  # "base", preset names, or names in experiment.variants
 
 
 class ExperimentSettings(StrictModel):
     name: str = "unisd-comparison"
     plans: list[ModelPlan] = Field(..., min_length=1)
+    variants: dict[str, VariantSpec] = {}
+
+    @model_validator(mode="after")
+    def _known_variants(self) -> ExperimentSettings:
+        from unisd.objective import PRESETS
+
+        for name, spec in self.variants.items():
+            if spec.preset not in PRESETS:
+                raise ValueError(f"variant {name!r}: unknown preset {spec.preset!r}")
+        known = {BASE, *PRESETS, *self.variants}
+        unknown = sorted({v for plan in self.plans for v in plan.variants} - known)
+        if unknown:
+            raise ValueError(
+                f"unknown variant(s) {unknown}: 'base', a preset ({', '.join(sorted(PRESETS))}) or a name "
+                "defined under experiment.variants"
+            )
+        return self
+
     # per held-out benchmark: EvalConfig fields that differ (e.g. code needs more tokens, fewer items)
     eval_overrides: dict[str, dict[str, Any]] = {}
     keep_models: bool = False  # keep each variant's merged weights after its eval (large)
@@ -89,15 +115,17 @@ def variant_config(cfg: ExperimentConfig, model: str, seed: int, variant: str):
     from unisd.config import apply_overrides
     from unisd.runconfig import RunConfig
 
+    spec = cfg.experiment.variants.get(variant) or VariantSpec(preset="sd" if variant == BASE else variant)
     data = apply_overrides(
         cfg.run,
         [
             f"model={model}",
-            f"preset={'sd' if variant == BASE else variant}",
+            f"preset={spec.preset}",
             f"prepare.seed={seed}",
             f"contexts.seed={seed}",
             f"rollout.seed={seed}",
             f"train.seed={seed}",
+            *spec.overrides,
         ],
     )
     data.setdefault("prepare", {}).setdefault("eval_seed", 0)

@@ -281,152 +281,199 @@ def compute_objective(
     Returns (loss, stats of floats): loss, kd_loss, cl_loss, fm_loss (those that are on), kd/*,
     cl/*, agreement/weight_{min,mean,max}, num_tokens, num_sequences.
     """
+    batch = _check_batch(mask, tokens, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+    norms = normalizers or Normalizers()
+    flat_index, seq_ids = flatten_valid(mask)
+    terms = _Terms(cfg, flat_index, seq_ids, batch, norms, logit_softcap, group)
+    h_student = _flat(student_hidden, flat_index)
+    h_teacher = _flat(teacher_hidden, flat_index).detach()
+    stats: dict[str, float] = {"num_tokens": float(flat_index.numel()), "num_sequences": float(batch)}
+    weights = None
+    if cfg.agreement != "none":
+        token_weights = _agreement_weights(cfg, mask, token_weights, view_logps, group)
+        stats.update(summarize_weights(token_weights, mask))
+        weights = _flat(token_weights.detach(), flat_index)
+
+    total: Tensor | None = None
+    if not cfg.match_repr:
+        kd, student_logps, positive_logps = terms.distillation(
+            h_student, student_head_weight, h_teacher, teacher_head_weight, tokens, weights, stats
+        )
+        total = kd
+        if cfg.contrastive_lambda > 0:
+            if cfg.contrastive_variant == "token":
+                cl = terms.token_contrastive(student_logps, positive_logps, negative_logps, mask, stats)
+            else:
+                cl = terms.distribution_contrastive(
+                    h_student,
+                    student_head_weight,
+                    h_teacher,
+                    teacher_head_weight,
+                    negative_hidden,
+                    teacher_hidden,
+                )
+            stats["cl_loss"] = float(cl.detach())
+            total = total + cfg.contrastive_lambda * cl
+    if cfg.uses_features:
+        fm = terms.feature_matching(h_student, h_teacher)
+        stats["fm_loss"] = float(fm.detach())
+        total = fm if cfg.match_repr else total + cfg.feature_lambda * fm
+    stats["loss"] = float(total.detach())
+    return total, stats
+
+
+def _check_batch(mask: Tensor, tokens: Tensor, **hidden: Tensor) -> int:
+    """The micro-batch size B, after checking mask/tokens [B, T] and every hidden [B, T, H]."""
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
     batch, length = mask.shape
-    for name, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+    for name, x in hidden.items():
         if x.dim() != 3 or tuple(x.shape[:2]) != (batch, length):
             raise ValueError(f"{name} must be [B, T, H] = [{batch}, {length}, H], got {tuple(x.shape)}")
     if tokens.shape != mask.shape:
         raise ValueError(f"tokens shape {tuple(tokens.shape)} != mask shape {tuple(mask.shape)}")
-    norms = normalizers or Normalizers()
-    flat_index, seq_ids = flatten_valid(mask)
-    h_student = _flat(student_hidden, flat_index)
-    h_teacher = _flat(teacher_hidden, flat_index).detach()
-    stats: dict[str, float] = {"num_tokens": float(flat_index.numel()), "num_sequences": float(batch)}
+    return batch
 
-    weights = None
-    if cfg.agreement != "none":
-        if (token_weights is None) == (view_logps is None):
+
+def _agreement_weights(cfg: ObjectiveConfig, mask: Tensor, token_weights, view_logps, group) -> Tensor:
+    """[B, T] agreement weights: precomputed ones, or computed here from the K views' log-probs."""
+    if (token_weights is None) == (view_logps is None):
+        raise ValueError(
+            f"agreement={cfg.agreement!r} needs exactly one of token_weights [B, T] or view_logps [K, B, T]"
+        )
+    if view_logps is not None:
+        if view_logps.shape[0] != cfg.num_views:
             raise ValueError(
-                f"agreement={cfg.agreement!r} needs exactly one of token_weights [B, T] or view_logps [K, B, T]"
+                f"view_logps has K={view_logps.shape[0]} views, config num_views={cfg.num_views}"
             )
-        if view_logps is not None:
-            if view_logps.shape[0] != cfg.num_views:
-                raise ValueError(
-                    f"view_logps has K={view_logps.shape[0]} views, config num_views={cfg.num_views}"
-                )
-            token_weights = agreement_weights(view_logps, mask, **cfg.agreement_kwargs(), group=group)
-        if token_weights.shape != mask.shape:
-            raise ValueError(
-                f"token_weights shape {tuple(token_weights.shape)} != mask shape {tuple(mask.shape)}"
-            )
-        stats.update(summarize_weights(token_weights, mask))
-        weights = _flat(token_weights.detach(), flat_index)
+        token_weights = agreement_weights(view_logps, mask, **cfg.agreement_kwargs(), group=group)
+    if token_weights.shape != mask.shape:
+        raise ValueError(
+            f"token_weights shape {tuple(token_weights.shape)} != mask shape {tuple(mask.shape)}"
+        )
+    return token_weights
 
-    want_token_cl = cfg.contrastive_lambda > 0 and cfg.contrastive_variant == "token"
-    head_kwargs = dict(
-        kind=cfg.divergence,
-        beta=cfg.jsd_beta,
-        alpha=cfg.skew_alpha,
-        temperature=cfg.loss_temperature,
-        chunk_size=cfg.chunk_size,
-        logit_softcap=logit_softcap,
-    )
 
-    if cfg.reduction == "sequence_mean":
-        kd_norm = unweighted_norm = norms.num_sequences
-    else:
-        kd_norm = norms.num_weighted_tokens if weights is not None else norms.num_tokens
-        unweighted_norm = norms.num_tokens
+@dataclass
+class _Terms:
+    """The loss terms of one micro-batch over its N valid tokens (flat_index / seq_ids of the mask)."""
 
-    total: Tensor
-    if not cfg.match_repr:
-        if want_token_cl:
+    cfg: ObjectiveConfig
+    flat_index: Tensor
+    seq_ids: Tensor
+    batch: int
+    norms: Normalizers
+    softcap: float | None
+    group: dist.ProcessGroup | None
+
+    @property
+    def kd_norm(self):
+        if self.cfg.reduction == "sequence_mean":
+            return self.norms.num_sequences
+        return self.norms.num_weighted_tokens if self.cfg.agreement != "none" else self.norms.num_tokens
+
+    @property
+    def norm(self):  # unweighted terms (L_CL, L_FM)
+        return self.norms.num_sequences if self.cfg.reduction == "sequence_mean" else self.norms.num_tokens
+
+    def _head(self) -> dict:
+        c = self.cfg
+        return dict(
+            kind=c.divergence,
+            beta=c.jsd_beta,
+            alpha=c.skew_alpha,
+            temperature=c.loss_temperature,
+            chunk_size=c.chunk_size,
+            logit_softcap=self.softcap,
+        )
+
+    def distillation(self, h_student, w_student, h_teacher, w_teacher, tokens, weights, stats):
+        """L_KD (clip → weight → reduce) and, when the token contrastive term needs them, ℓ^S and ℓ^+ from the
+        same pass over the vocabulary."""
+        c = self.cfg
+        student_logps = positive_logps = None
+        if c.contrastive_lambda > 0 and c.contrastive_variant == "token":
             div, student_logps, positive_logps = chunked_divergence_and_logprobs(
-                h_student,
-                student_head_weight,
-                h_teacher,
-                _flat(tokens, flat_index),
-                teacher_head_weight,
-                **head_kwargs,
+                h_student, w_student, h_teacher, _flat(tokens, self.flat_index), w_teacher, **self._head()
             )
         else:
-            div = chunked_token_divergence(
-                h_student, student_head_weight, h_teacher, teacher_head_weight, **head_kwargs
-            )
+            div = chunked_token_divergence(h_student, w_student, h_teacher, w_teacher, **self._head())
         kd, kd_stats = distillation_loss(
             div,
-            seq_ids,
-            batch,
+            self.seq_ids,
+            self.batch,
             weights=weights,
-            clip=cfg.clip,
-            clip_value=cfg.clip_value,
-            clip_quantile=cfg.clip_quantile,
-            clip_style=cfg.clip_style,
-            reduction=cfg.reduction,
-            normalizer=kd_norm,
-            faithful=cfg.faithful,
-            group=group,
+            clip=c.clip,
+            clip_value=c.clip_value,
+            clip_quantile=c.clip_quantile,
+            clip_style=c.clip_style,
+            reduction=c.reduction,
+            normalizer=self.kd_norm,
+            faithful=c.faithful,
+            group=self.group,
         )
         stats.update(kd_stats)
         stats["kd_loss"] = float(kd.detach())
-        total = kd
+        return kd, student_logps, positive_logps
 
-        if cfg.contrastive_lambda > 0:
-            if cfg.contrastive_variant == "token":
-                if negative_logps is None:
-                    raise ValueError("contrastive_lambda > 0 (token variant) needs negative_logps [B, T]")
-                if negative_logps.shape != mask.shape:
-                    raise ValueError(
-                        f"negative_logps shape {tuple(negative_logps.shape)} != mask shape {tuple(mask.shape)}"
-                    )
-                cl, cl_stats = contrastive_token_loss(
-                    student_logps,
-                    positive_logps,
-                    _flat(negative_logps, flat_index),
-                    seq_ids,
-                    batch,
-                    margin=cfg.contrastive_margin,
-                    reduction=cfg.reduction,
-                    normalizer=unweighted_norm,
-                    faithful=cfg.faithful,
-                )
-                stats.update(cl_stats)
-            else:
-                if negative_hidden is None:
-                    raise ValueError("contrastive_variant='distribution' needs negative_hidden [B, T, H]")
-                if tuple(negative_hidden.shape) != tuple(teacher_hidden.shape):
-                    raise ValueError(
-                        f"negative_hidden shape {tuple(negative_hidden.shape)} != teacher_hidden shape"
-                    )
-                per_token = chunked_distribution_contrastive(
-                    h_student,
-                    student_head_weight,
-                    h_teacher,
-                    _flat(negative_hidden, flat_index).detach(),
-                    teacher_head_weight,
-                    alpha=cfg.contrastive_alpha,
-                    temperature=cfg.loss_temperature,
-                    chunk_size=cfg.chunk_size,
-                    logit_softcap=logit_softcap,
-                )
-                cl = reduce_per_token(
-                    per_token,
-                    seq_ids,
-                    batch,
-                    reduction=cfg.reduction,
-                    normalizer=unweighted_norm,
-                    faithful=cfg.faithful,
-                )
-            stats["cl_loss"] = float(cl.detach())
-            total = total + cfg.contrastive_lambda * cl
+    def token_contrastive(self, student_logps, positive_logps, negative_logps, mask, stats):
+        if negative_logps is None:
+            raise ValueError("contrastive_lambda > 0 (token variant) needs negative_logps [B, T]")
+        if negative_logps.shape != mask.shape:
+            raise ValueError(
+                f"negative_logps shape {tuple(negative_logps.shape)} != mask shape {tuple(mask.shape)}"
+            )
+        cl, cl_stats = contrastive_token_loss(
+            student_logps,
+            positive_logps,
+            _flat(negative_logps, self.flat_index),
+            self.seq_ids,
+            self.batch,
+            margin=self.cfg.contrastive_margin,
+            reduction=self.cfg.reduction,
+            normalizer=self.norm,
+            faithful=self.cfg.faithful,
+        )
+        stats.update(cl_stats)
+        return cl
 
-    if cfg.uses_features:
-        fm = feature_matching_loss(
+    def distribution_contrastive(
+        self, h_student, w_student, h_teacher, w_teacher, negative_hidden, teacher_hidden
+    ):
+        if negative_hidden is None:
+            raise ValueError("contrastive_variant='distribution' needs negative_hidden [B, T, H]")
+        if tuple(negative_hidden.shape) != tuple(teacher_hidden.shape):
+            raise ValueError(f"negative_hidden shape {tuple(negative_hidden.shape)} != teacher_hidden shape")
+        per_token = chunked_distribution_contrastive(
+            h_student,
+            w_student,
+            h_teacher,
+            _flat(negative_hidden, self.flat_index).detach(),
+            w_teacher,
+            alpha=self.cfg.contrastive_alpha,
+            temperature=self.cfg.loss_temperature,
+            chunk_size=self.cfg.chunk_size,
+            logit_softcap=self.softcap,
+        )
+        return reduce_per_token(
+            per_token,
+            self.seq_ids,
+            self.batch,
+            reduction=self.cfg.reduction,
+            normalizer=self.norm,
+            faithful=self.cfg.faithful,
+        )
+
+    def feature_matching(self, h_student, h_teacher):
+        return feature_matching_loss(
             h_student,
             h_teacher,
-            seq_ids,
-            batch,
-            reduction=cfg.reduction,
-            normalizer=unweighted_norm,
-            faithful=cfg.faithful,
+            self.seq_ids,
+            self.batch,
+            reduction=self.cfg.reduction,
+            normalizer=self.norm,
+            faithful=self.cfg.faithful,
         )
-        stats["fm_loss"] = float(fm.detach())
-        total = fm if cfg.match_repr else total + cfg.feature_lambda * fm
-
-    stats["loss"] = float(total.detach())
-    return total, stats
 
 
 def compute_sft_objective(

@@ -1,9 +1,24 @@
-"""What each KFP component does, as plain functions of strings and directories (no KFP imports).
+"""One function per stage, called by both `unisd <stage>` (commands.py) and the KFP component (components/):
+a round run by hand computes exactly what the pipeline computes.
 
-A component body is `from unisd.pipeline_steps import X; X(...)` with its artifact paths, so everything
-here is testable without KFP, and a cluster pod and a local `kfp.local` run execute the same code.
-The resolved run config travels between components as YAML text (one pipeline parameter set in the UI
-is merged into it once, by `resolve_config`).
+    prepare(cfg, out_dir)                                              benchmarks → records
+    contexts(cfg, prepared_dir, out_dir)                               K views + negatives (skipped if unused)
+    rollout(cfg, prepared_dir, out_dir, shard, num_shards, student)    student completions
+    score(cfg, prepared_dir, contexts_dir, rollouts, out_dir, shard, num_shards, student)
+                                                                       K-view log-probs (skipped if unused)
+    train(cfg, prepared_dir, contexts_dir, rollouts, scores, out_dir, run_id, round_index, previous)
+    evaluate(cfg, prepared_dir, benchmark, out_dir, student)           base model, or the trained student
+    register_and_gate / promote / report                               MLflow registry, gate, run report
+
+`cfg` is the resolved `RunConfig` (components parse the config artifact once; the CLI loads the YAML plus
+overrides). `student` / `previous` are train-stage output folders (their `merged/` model, `adapter/`, EMA
+teacher); `rollouts` / `scores` are a gathered folder (`shard-*/`), one stage folder, or a list of them. No
+KFP imports here: everything is testable without KFP.
+
+The Kubeflow UI parameters are one table, `UI_PARAMETERS` (name → config path); `resolve_config` merges the
+values set in the UI into the run config with one precedence: the submitted config YAML is the base, a UI
+parameter overrides it only when it differs from the pipeline's default, and `extra_overrides`
+(`key.sub=value`) apply last.
 """
 
 from __future__ import annotations
@@ -12,7 +27,8 @@ import json
 import logging
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,99 +41,77 @@ from unisd.runconfig import RunConfig
 log = logging.getLogger(__name__)
 
 
-def resolve_config(config_yaml: str, overrides: Sequence[str]) -> str:
-    """Merge UI parameters (`key.sub=value` strings) into the config YAML; validate; return YAML."""
+# ----------------------------------------------------------------------------------------------------------
+# the run config and the UI parameters
+
+
+@dataclass(frozen=True)
+class UIParameter:
+    name: str  # the pipeline parameter shown in the Kubeflow UI
+    path: str  # where it goes in the run config (`key.sub`)
+    kind: type  # str | int | float | bool | list
+
+
+UI_PARAMETERS: tuple[UIParameter, ...] = (
+    UIParameter("model", "model", str),
+    UIParameter("preset", "preset", str),
+    UIParameter("benchmarks", "prepare.benchmarks", list),
+    UIParameter("num_shards", "pipeline.shards", int),
+    UIParameter("budget", "scoring.budget", float),
+    UIParameter("max_new_tokens", "rollout.max_new_tokens", int),
+    UIParameter("lora", "train.lora.enabled", bool),
+    UIParameter("mlflow_tracking_uri", "tracking.tracking_uri", str),
+    UIParameter("registered_model", "tracking.registered_model", str),
+    UIParameter("promotion_margin", "tracking.promotion_margin", float),
+)
+
+
+def _get(data: Mapping[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        data = data[part]
+    return data
+
+
+def ui_values(cfg: RunConfig) -> dict[str, Any]:
+    """The UI parameters' values in a run config (what `unisd submit` sends, and the pipeline's defaults)."""
+    data = cfg.model_dump(mode="json")
+    return {p.name: p.kind(_get(data, p.path)) for p in UI_PARAMETERS}
+
+
+def ui_overrides(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
+    """`key.sub=value` overrides for the UI parameters whose value differs from the pipeline default."""
+    out = []
+    for p in UI_PARAMETERS:
+        value = p.kind(values[p.name])
+        if value != p.kind(defaults[p.name]):
+            out.append(f"{p.path}={json.dumps(value) if p.kind in (list, bool) else value}")
+    return out
+
+
+def resolve_config(
+    config_yaml: str, ui: Mapping[str, Any], defaults: Mapping[str, Any], extra: Sequence[str] = ()
+) -> str:
+    """The run config of one pipeline run: `config_yaml`, then the UI parameters that differ from their
+    defaults, then `extra` overrides; validated; returned as YAML."""
     data = yaml.safe_load(config_yaml) or {}
-    cfg = validate(RunConfig, apply_overrides(data, [o for o in overrides if o]), source="pipeline config")
+    overrides = [*ui_overrides(ui, defaults), *[o for o in extra if o]]
+    cfg = validate(RunConfig, apply_overrides(data, overrides), source="pipeline config")
     cfg.objective_config()
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def ui_overrides(
-    *,
-    model: str,
-    preset: str,
-    benchmarks: Sequence[str],
-    num_shards: int,
-    budget: float,
-    max_new_tokens: int,
-    lora: bool,
-    mlflow_tracking_uri: str,
-    registered_model: str,
-    promotion_margin: float,
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """The pipeline's UI parameters as `key.sub=value` overrides of the run config."""
-    return [
-        f"model={model}",
-        f"preset={preset}",
-        f"prepare.benchmarks={json.dumps(list(benchmarks))}",
-        f"pipeline.shards={int(num_shards)}",
-        f"scoring.budget={float(budget)}",
-        f"rollout.max_new_tokens={int(max_new_tokens)}",
-        f"train.lora.enabled={str(bool(lora)).lower()}",
-        f"tracking.tracking_uri={mlflow_tracking_uri}",
-        f"tracking.registered_model={registered_model}",
-        f"tracking.promotion_margin={float(promotion_margin)}",
-        *[str(o) for o in extra],
-    ]
 
 
 def parse_config(config_yaml: str) -> RunConfig:
     return validate(RunConfig, yaml.safe_load(config_yaml) or {}, source="pipeline config")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# artifact helpers
+
+
 def shard_indices(num_shards: int) -> list[int]:
     if num_shards < 1:
         raise ValueError(f"num_shards must be ≥ 1, got {num_shards}")
     return list(range(num_shards))
-
-
-def student_spec(cfg: RunConfig, student_dir: str | None) -> str:
-    """The model the rollout samples from: the base model in round 0, the last round's merged student after."""
-    if student_dir and (Path(student_dir) / "merged" / "config.json").exists():
-        return str(Path(student_dir) / "merged")
-    return cfg.model
-
-
-def prepare(config_yaml: str, out_dir: str) -> dict:
-    from unisd.prepare import run_prepare
-
-    cfg = parse_config(config_yaml)
-    return run_prepare(cfg.prepare, model_spec=cfg.model, out_dir=out_dir)
-
-
-def contexts(config_yaml: str, prepared_dir: str, out_dir: str) -> dict:
-    from unisd.contexts import run_contexts
-
-    cfg = parse_config(config_yaml)
-    if not cfg.needs_contexts:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        write_jsonl(Path(out_dir) / "contexts.jsonl", [])
-        write_json(
-            Path(out_dir) / "manifest.json", {"stage": "contexts", "skipped": "objective uses no contexts"}
-        )
-        return {"skipped": True}
-    return run_contexts(
-        cfg.contexts_config(), model_spec=cfg.model, prepared_dir=prepared_dir, out_dir=out_dir
-    )
-
-
-def rollout(
-    config_yaml: str,
-    prepared_dir: str,
-    out_dir: str,
-    shard: int,
-    num_shards: int,
-    student_dir: str | None = None,
-) -> dict:
-    from unisd.rollout import run_rollout
-
-    cfg = parse_config(config_yaml)
-    rcfg = cfg.rollout.model_copy(update={"shard_index": int(shard), "num_shards": int(num_shards)})
-    return run_rollout(
-        rcfg, model_spec=student_spec(cfg, student_dir), prepared_dir=prepared_dir, out_dir=out_dir
-    )
 
 
 def merge_shards(part_dirs: Sequence[str], out_dir: str, filenames: Sequence[str]) -> int:
@@ -133,72 +127,147 @@ def merge_shards(part_dirs: Sequence[str], out_dir: str, filenames: Sequence[str
     return len(part_dirs)
 
 
-def shard_dirs(merged_dir: str) -> list[str]:
-    return [str(p) for p in sorted(Path(merged_dir).glob("shard-*"))]
+def stage_dirs(paths: str | Path | Sequence[str | Path] | None, payload: str) -> list[str]:
+    """The stage folders behind `paths`: a gathered folder's `shard-*/`, else the folders themselves; only
+    those holding `payload` (a skipped scoring stage writes none)."""
+    if not paths:
+        return []
+    found = []
+    for path in [paths] if isinstance(paths, str | Path) else paths:
+        shards = sorted(Path(path).glob("shard-*"))
+        found += [str(p) for p in (shards or [Path(path)]) if (p / payload).exists()]
+    return found
+
+
+def student_spec(cfg: RunConfig, student_dir: str | None) -> str:
+    """The model a stage runs: the base model, or a train folder's merged student (a model folder as is)."""
+    if not student_dir:
+        return cfg.model
+    merged = Path(student_dir) / "merged"
+    if (merged / "config.json").exists():
+        return str(merged)
+    if (Path(student_dir) / "config.json").exists():
+        return str(student_dir)
+    raise FileNotFoundError(
+        f"{student_dir} holds no trained model (no merged/config.json): not a train output"
+    )
+
+
+def _skipped(out_dir: str, stage: str, why: str, files: Mapping[str, Any] | None = None) -> dict:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for name, rows in (files or {}).items():
+        write_jsonl(Path(out_dir) / name, rows)
+    manifest = {"stage": stage, "skipped": why, "counts": {}}
+    write_json(Path(out_dir) / "manifest.json", manifest)
+    log.info("%s: skipped (%s)", stage, why)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the stages
+
+
+def prepare(cfg: RunConfig, out_dir: str) -> dict:
+    from unisd.prepare import run_prepare
+
+    return run_prepare(cfg.prepare, model_spec=cfg.model, out_dir=out_dir)
+
+
+def contexts(cfg: RunConfig, prepared_dir: str, out_dir: str) -> dict:
+    from unisd.contexts import run_contexts
+
+    if not cfg.needs_contexts:
+        return _skipped(out_dir, "contexts", "objective uses no contexts", {"contexts.jsonl": []})
+    return run_contexts(
+        cfg.contexts_config(), model_spec=cfg.model, prepared_dir=prepared_dir, out_dir=out_dir
+    )
+
+
+def rollout(
+    cfg: RunConfig,
+    prepared_dir: str,
+    out_dir: str,
+    shard: int = 0,
+    num_shards: int = 1,
+    student: str | None = None,
+) -> dict:
+    from unisd.rollout import run_rollout
+
+    if not cfg.objective_config().uses_rollouts:
+        return _skipped(
+            out_dir, "rollout", "the objective trains on gold completions", {"completions.jsonl": []}
+        )
+    rcfg = cfg.rollout.model_copy(update={"shard_index": int(shard), "num_shards": int(num_shards)})
+    return run_rollout(
+        rcfg, model_spec=student_spec(cfg, student), prepared_dir=prepared_dir, out_dir=out_dir
+    )
 
 
 def score(
-    config_yaml: str,
+    cfg: RunConfig,
     prepared_dir: str,
     contexts_dir: str,
-    rollouts_dir: str,
+    rollouts: str | Sequence[str],
     out_dir: str,
-    shard: int,
-    num_shards: int,
-    student_dir: str | None = None,
+    shard: int = 0,
+    num_shards: int = 1,
+    student: str | None = None,
 ) -> dict:
     from unisd.scoring import run_scoring
 
-    cfg = parse_config(config_yaml)
     obj = cfg.objective_config()
     if not obj.uses_views:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(out_dir) / "manifest.json", {"stage": "score", "skipped": "objective uses no views"})
-        return {"skipped": True}
+        return _skipped(out_dir, "score", "objective uses no views")
     scfg = cfg.scoring.model_copy(update={"shard_index": int(shard), "num_shards": int(num_shards)})
     # Views are teacher views: θ0 for a frozen teacher; the latest student approximates the EMA teacher.
-    model_spec = student_spec(cfg, student_dir) if obj.teacher == "ema" else cfg.model
+    model_spec = student_spec(cfg, student) if obj.teacher == "ema" else cfg.model
     return run_scoring(
         scfg,
         model_spec=model_spec,
         prepared_dir=prepared_dir,
         contexts_dir=contexts_dir,
-        rollout_dirs=shard_dirs(rollouts_dir),
+        rollout_dirs=stage_dirs(rollouts, "completions.jsonl"),
         out_dir=out_dir,
         objective=obj,
     )
 
 
 def train(
-    config_yaml: str,
+    cfg: RunConfig,
     prepared_dir: str,
-    contexts_dir: str,
-    rollouts_dir: str,
-    scores_dir: str,
+    contexts_dir: str | None,
+    rollouts: str | Sequence[str] | None,
+    scores: str | Sequence[str] | None,
     out_dir: str,
-    run_id: str,
-    round_index: int,
-    previous_dir: str | None = None,
+    run_id: str | None = None,
+    round_index: int = 0,
+    previous: str | None = None,
+    restart: bool = False,
 ) -> dict:
+    """Train one round; `previous` (the last round's train folder) continues its adapter and EMA teacher.
+    With an MLflow `run_id` the step metrics are logged (round r's steps offset by r · 10,000)."""
     from unisd.train import EMA_TEACHER_FILE, run_train
 
-    cfg = parse_config(config_yaml)
     obj = cfg.objective_config()
+    if obj.uses_negative and not contexts_dir:
+        raise ValueError(
+            f"preset {cfg.preset!r} trains against negative demonstrations: pass the contexts folder"
+        )
     tcfg = cfg.train
-    if previous_dir and (Path(previous_dir) / "adapter").exists():
-        tcfg = tcfg.model_copy(update={"init_adapter": str(Path(previous_dir) / "adapter")})
-    if previous_dir and (Path(previous_dir) / EMA_TEACHER_FILE).exists() and obj.teacher == "ema":
-        tcfg = tcfg.model_copy(update={"init_teacher": str(Path(previous_dir) / EMA_TEACHER_FILE)})
-    score_dirs = [d for d in shard_dirs(scores_dir) if (Path(d) / "scores.safetensors").exists()]
+    if previous and (Path(previous) / "adapter").exists():
+        tcfg = tcfg.model_copy(update={"init_adapter": str(Path(previous) / "adapter")})
+    if previous and (Path(previous) / EMA_TEACHER_FILE).exists() and obj.teacher == "ema":
+        tcfg = tcfg.model_copy(update={"init_teacher": str(Path(previous) / EMA_TEACHER_FILE)})
     manifest = run_train(
         tcfg,
         obj,
         model_spec=cfg.model,
         prepared_dir=prepared_dir,
         contexts_dir=contexts_dir if cfg.needs_contexts else None,
-        rollout_dirs=shard_dirs(rollouts_dir),
-        score_dirs=score_dirs,
+        rollout_dirs=stage_dirs(rollouts, "completions.jsonl"),
+        score_dirs=stage_dirs(scores, "scores.safetensors"),
         out_dir=out_dir,
+        restart=restart,
     )
     if run_id:
         from unisd import tracking
@@ -212,26 +281,23 @@ def train(
 
 
 def evaluate(
-    config_yaml: str, prepared_dir: str, benchmark: str, out_dir: str, model_dir: str | None = None
+    cfg: RunConfig, prepared_dir: str, benchmark: str, out_dir: str, student: str | None = None
 ) -> dict:
-    """Evaluate the base model (model_dir None) or the trained student (model_dir = train output).
+    """Evaluate the base model (student None) or the trained student, with retention against the base.
 
     No MLflow calls here: eval pods run model-written code and have no network egress; the register step
     logs the eval results."""
     from unisd.evaluate import run_eval
 
-    cfg = parse_config(config_yaml)
-    role = "adapted" if model_dir else "base"
-    spec = student_spec(cfg, model_dir) if model_dir else cfg.model
     results = run_eval(
         cfg.eval,
-        model_spec=spec,
+        model_spec=student_spec(cfg, student),
         benchmark=benchmark,
         prepared_dir=prepared_dir,
         out_dir=out_dir,
-        base_spec=cfg.model if model_dir else None,
+        base_spec=cfg.model if student else None,
     )
-    results["aggregate"]["role"] = role
+    results["aggregate"]["role"] = "adapted" if student else "base"
     write_json(Path(out_dir) / "results.json", results)
     return results["aggregate"]
 
@@ -257,7 +323,7 @@ def load_eval_dirs(eval_dirs: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def register_and_gate(
-    config_yaml: str,
+    cfg: RunConfig,
     run_id: str,
     model_dir: str,
     eval_dirs: Sequence[str],
@@ -269,7 +335,6 @@ def register_and_gate(
     champion yet."""
     from unisd import tracking
 
-    cfg = parse_config(config_yaml)
     results = load_eval_dirs(eval_dirs)
     for res in results:
         tracking.log_eval(cfg.tracking, run_id, res)
@@ -293,17 +358,17 @@ def register_and_gate(
     return decision
 
 
-def promote(config_yaml: str, version: str) -> None:
+def promote(cfg: RunConfig, version: str) -> None:
     from unisd import tracking
 
-    tracking.promote(parse_config(config_yaml).tracking, version, alias="champion")
+    tracking.promote(cfg.tracking, version, alias="champion")
 
 
 def report(
-    config_yaml: str,
+    cfg: RunConfig,
     run_id: str,
     train_dir: str,
-    scores_dir: str,
+    scores: str | Sequence[str] | None,
     eval_dirs: Sequence[str],
     decision_json: str,
     out_html: str,
@@ -311,15 +376,13 @@ def report(
 ) -> None:
     from unisd.report import build_report, weights_sample
 
-    cfg = parse_config(config_yaml)
     metrics_file = Path(train_dir) / "metrics.jsonl"
-    score_dirs = [d for d in shard_dirs(scores_dir) if (Path(d) / "scores.safetensors").exists()]
-    weights = weights_sample(score_dirs) if score_dirs else []
+    score_dirs = stage_dirs(scores, "scores.safetensors")
     out = Path(out_html).parent / "report_build"
     paths = build_report(
         out,
         train_metrics=read_jsonl(metrics_file) if metrics_file.exists() else [],
-        weights=weights,
+        weights=weights_sample(score_dirs) if score_dirs else [],
         eval_aggregates=[r["aggregate"] for r in load_eval_dirs(eval_dirs)],
         promotion=json.loads(decision_json) if decision_json else None,
         run_info={

@@ -10,17 +10,17 @@ import logging
 import random
 from pathlib import Path
 
-from unisd.artifacts import Timer, hash_files, write_jsonl, write_manifest, write_text
+from unisd.artifacts import begin_stage, hash_files, write_jsonl, write_text
 from unisd.config import StrictModel
 from unisd.data import (
-    available_splits,
     encode_prompt,
     load_benchmark,
     resolve_data_dir,
     student_messages,
     teacher_messages,
 )
-from unisd.data.records import BENCHMARKS, Record
+from unisd.data.benchmarks import BENCHMARK_SPECS, benchmark_files
+from unisd.data.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,13 @@ class PrepareConfig(StrictModel):
     eval_seed: int | None = None  # the held-out sample (eval_limit); None = seed. Fix it to compare seeds.
 
     def model_post_init(self, _context) -> None:
-        unknown = [b for b in [*self.benchmarks, *self.eval_only] if b not in BENCHMARKS]
+        unknown = [b for b in [*self.benchmarks, *self.eval_only] if b not in BENCHMARK_SPECS]
         if unknown:
-            raise ValueError(f"unknown benchmark(s) {unknown}; expected some of {list(BENCHMARKS)}")
+            raise ValueError(f"unknown benchmark(s) {unknown}; expected some of {list(BENCHMARK_SPECS)}")
 
 
 def eval_split_for(name: str, requested: str) -> str:
-    if requested != "auto":
-        return requested
-    return "test" if "test" in available_splits(name) else "validation"
+    return BENCHMARK_SPECS[name].eval_split if requested == "auto" else requested
 
 
 def _sample(records: list[Record], limit: int | None, seed: int) -> list[Record]:
@@ -61,14 +59,23 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
     from unisd.models import load_tokenizer
 
     out_dir = Path(out_dir)
-    timer = Timer()
     data_dir = resolve_data_dir(cfg.data_dir)
-    # Prep is cheap, so it always runs; the data hash (over every record used) is MLflow lineage.
+    names = [*cfg.benchmarks, *[b for b in cfg.eval_only if b not in cfg.benchmarks]]
+    stage = begin_stage(
+        "prepare",
+        out_dir,
+        config={**cfg.model_dump(), "model": model_spec},
+        inputs=[f for name in names for f in benchmark_files(name, data_dir)],
+        model=model_spec,
+    )
+    if stage.done:
+        return stage.done
+    timer = stage.timer
     tokenizer = tokenizer or load_tokenizer(model_spec)
     train_rows, dropped, eval_counts = [], [], {}
     with timer("prepare"):
         eval_seed = cfg.seed if cfg.eval_seed is None else cfg.eval_seed
-        for name in [*cfg.benchmarks, *[b for b in cfg.eval_only if b not in cfg.benchmarks]]:
+        for name in names:
             train = (
                 _sample(load_benchmark(name, cfg.train_split, data_dir=data_dir), cfg.train_limit, cfg.seed)
                 if name in cfg.benchmarks
@@ -132,11 +139,4 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
     write_text(out_dir / "report.md", "\n".join(report) + "\n")
     counts = {"train": len(train_rows), "dropped": len(dropped), "eval": eval_counts, "data_hash": data_hash}
     log.info("prepare: %s", counts)
-    return write_manifest(
-        out_dir,
-        stage="prepare",
-        config={**cfg.model_dump(), "model": model_spec},
-        inputs_hash=data_hash,
-        counts=counts,
-        timings=timer.timings,
-    )
+    return stage.finish(counts=counts)

@@ -33,8 +33,10 @@ from typing import Any
 import numpy as np
 
 from unisd.artifacts import write_text
+from unisd.config import flatten
+from unisd.objective import LOSS_TERMS
 
-LOSS_ORDER = ("loss", "kd_loss", "cl_loss", "fm_loss")
+LOSS_ORDER = LOSS_TERMS  # unisd.objective: the one list of loss terms
 # A weight set whose (max − min) / max is below this changes no token's share of the loss by more
 # than ~2%: the agreement weighting is effectively off.
 INERT_RELATIVE_SPREAD = 0.02
@@ -112,16 +114,6 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
     return str(value)
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    items: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        if isinstance(value, Mapping) and value:
-            items.extend(_flatten(value, f"{prefix}{key}."))
-        else:
-            items.append((f"{prefix}{key}", value))
-    return items
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -440,7 +432,7 @@ def _run_section(run_info: Mapping[str, Any]) -> _Section:
     if not run_info:
         section.text("No run info was given.", css="missing")
     else:
-        section.table((["field", "value"], [[k, v] for k, v in _flatten(run_info)]))
+        section.table((["field", "value"], [[k, v] for k, v in flatten(dict(run_info)).items()]))
     return section
 
 

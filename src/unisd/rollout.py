@@ -31,15 +31,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from unisd.artifacts import (
-    Timer,
-    completed_manifest,
-    hash_files,
-    read_jsonl,
-    read_partial_jsonl,
-    write_jsonl,
-    write_manifest,
-)
+from unisd.artifacts import begin_stage, read_jsonl, read_partial_jsonl, write_jsonl, write_text
 from unisd.config import StrictModel
 
 log = logging.getLogger(__name__)
@@ -241,18 +233,17 @@ def run_rollout(
     from unisd.models import load_model, load_tokenizer
 
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    timer = Timer()
     train_file = prepared_dir / "train.jsonl"
-    inputs_hash = hash_files([train_file], extra={"cfg": cfg.model_dump(), "model": model_spec})
-    if done := completed_manifest(out_dir, inputs_hash):
+    stage = rollout_stage(cfg, model_spec, train_file, out_dir)
+    if stage.done:
         log.info("rollout shard %d/%d already complete in %s", cfg.shard_index, cfg.num_shards, out_dir)
-        return done
+        return stage.done
+    timer = stage.timer
     items = read_jsonl(train_file)
     start, end = shard_range(len(items), cfg.num_shards, cfg.shard_index)
     items = items[start:end]
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / "partial.jsonl"
-    done_rows = {r["id"]: r for r in read_partial_jsonl(partial)}
+    done_rows = {r["id"]: r for r in resumable_rows(out_dir / "partial.jsonl", stage.inputs_hash)}
     todo = [(start + i, it) for i, it in enumerate(items) if it["id"] not in done_rows]
     backend = pick_backend(cfg.backend)
     with timer("load"):
@@ -274,7 +265,7 @@ def run_rollout(
     )
     with (
         timer("generate"),
-        open(partial, "a") as sink,
+        open(out_dir / "partial.jsonl", "a") as sink,
         tqdm(total=len(todo), desc="rollout", unit="item") as bar,
     ):
         for b in range(0, len(todo), cfg.batch_size):
@@ -297,7 +288,8 @@ def run_rollout(
             bar.update(len(chunk))
     rows = [done_rows[it["id"]] for it in items]
     write_jsonl(out_dir / "completions.jsonl", rows)
-    partial.unlink(missing_ok=True)
+    (out_dir / "partial.jsonl").unlink(missing_ok=True)
+    (out_dir / PARTIAL_KEY).unlink(missing_ok=True)
     n_tokens = sum(len(r["completion_ids"]) for r in rows)
     counts = {
         "items": len(rows),
@@ -308,14 +300,27 @@ def run_rollout(
         "no_eos": sum(1 for r in rows if not r["finished"]),
         "tokens_per_s": round(n_tokens / max(timer.timings.get("generate", 0.0), 1e-9), 2),
     }
-    return write_manifest(
-        out_dir,
-        stage="rollout",
-        config={**cfg.model_dump(), "model": model_spec, "backend": backend},
-        inputs_hash=inputs_hash,
-        counts=counts,
-        timings=timer.timings,
-    )
+    return stage.finish(counts=counts, extra={"backend": backend})
+
+
+PARTIAL_KEY = "partial.key"
+
+
+def rollout_stage(cfg: RolloutConfig, model_spec: str, train_file: Path, out_dir: Path):
+    """The rollout stage's bookkeeping (its inputs hash keys the partial progress too)."""
+    config = {**cfg.model_dump(), "model": model_spec}
+    return begin_stage("rollout", out_dir, config=config, inputs=[train_file], model=model_spec)
+
+
+def resumable_rows(partial: Path, inputs_hash: str) -> list[dict]:
+    """The finished rows of an interrupted run with the same inputs and settings. Progress made with other
+    settings (another model, decoding setting or data) is discarded, never mixed in: the run starts over."""
+    key_file = partial.parent / PARTIAL_KEY
+    if partial.exists() and (not key_file.exists() or key_file.read_text().strip() != inputs_hash):
+        log.warning("%s was written with other settings or inputs: discarding it and starting over", partial)
+        partial.unlink()
+    write_text(key_file, inputs_hash + "\n")
+    return read_partial_jsonl(partial)
 
 
 def load_completions(dirs: Sequence[str | Path]) -> dict[str, dict]:

@@ -30,16 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from unisd.artifacts import (
-    Timer,
-    atomic_path,
-    completed_manifest,
-    hash_files,
-    read_json,
-    read_jsonl,
-    write_json,
-    write_manifest,
-)
+from unisd.artifacts import atomic_path, begin_stage, read_json, read_jsonl, write_json
 from unisd.config import StrictModel
 from unisd.rollout import load_completions, shard_range
 from unisd.sequences import (
@@ -91,6 +82,7 @@ def _head_stats(
     return logps, ent
 
 
+@torch.no_grad()
 def _score_rows_plain(
     model,
     prompts: Sequence[Sequence[int]],
@@ -118,6 +110,7 @@ def _score_rows_plain(
     return list(zip(split_by_lengths(logps, lengths), entropies))
 
 
+@torch.no_grad()
 def _score_rows_with_prefix(
     model,
     prefix: Sequence[int],
@@ -248,6 +241,109 @@ def select_for_budget(uncertainty: Sequence[float], budget: float) -> set[int]:
     return set(order[:k])
 
 
+def score_completions(
+    model,
+    prompts: Sequence[Sequence[int]],
+    ys: Sequence[Sequence[int]],
+    cfg: ScoringConfig,
+    *,
+    pad_id: int,
+    want_entropy: bool = False,
+    desc: str | None = None,
+) -> list[tuple[list[float], list[float] | None]]:
+    """(sampled-token log-probs, entropies) of each (prompt, completion), batched by total length."""
+    order = sorted(range(len(ys)), key=lambda n: len(prompts[n]) + len(ys[n]))
+    out: list[tuple[list[float], list[float] | None]] = [([], None)] * len(ys)
+    batches = range(0, len(order), cfg.batch_size)
+    for b in tqdm(batches, desc=desc, unit="batch", disable=desc is None):
+        chunk = order[b : b + cfg.batch_size]
+        scored = _score_rows_plain(
+            model,
+            [prompts[n] for n in chunk],
+            [ys[n] for n in chunk],
+            pad_id=pad_id,
+            chunk_size=cfg.chunk_size,
+            want_entropy=want_entropy,
+        )
+        for n, result in zip(chunk, scored):
+            out[n] = result
+    return out
+
+
+def uncertainty_of(cfg: ScoringConfig, teacher: Sequence, student: dict[int, list[float]], ys) -> list[float]:
+    """Per item: mean teacher entropy, or the sampled-token estimate of KL(student ‖ teacher) on y ~ student,
+    mean_t (log p^S − log p^T) (cfg.uncertainty)."""
+    if cfg.uncertainty != "divergence":
+        return [sum(ent or []) / max(1, len(ent or [])) for _, ent in teacher]
+    return [
+        sum(s - t for s, t in zip(student.get(n, []), teacher[n][0])) / max(1, len(ys[n]))
+        for n in range(len(ys))
+    ]
+
+
+def score_chosen_views(
+    model, views_of: Sequence[list[dict]], ys, chosen: Sequence[int], cfg: ScoringConfig, *, pad_id: int
+) -> dict[int, list[list[float]]]:
+    """{item: K views' log-probs} for the chosen items, all rows in one pool (shared prefixes cached)."""
+    rows, owners = [], []
+    for n in chosen:
+        for k, view in enumerate(views_of[n]):
+            rows.append((view["prompt_ids"], ys[n], view.get("context_id")))
+            owners.append((n, k))
+    num_views = len(views_of[chosen[0]]) if chosen else 0
+    out: dict[int, list[list[float]]] = {n: [[] for _ in range(num_views)] for n in chosen}
+    scored = score_views(
+        model,
+        rows,
+        pad_id=pad_id,
+        batch_size=cfg.batch_size,
+        chunk_size=cfg.chunk_size,
+        prefix_cache=cfg.prefix_cache,
+        min_shared_prefix=cfg.min_shared_prefix,
+    )
+    for (n, k), lp in zip(owners, scored):
+        out[n][k] = lp
+    return out
+
+
+def pack_scores(
+    ys, teacher, view_logps: dict[int, list[list[float]]], num_views: int, uncertainty, objective
+):
+    """Flat per-token arrays + offsets (the safetensors payload) and the inspection weights over the shard."""
+    from unisd.objective import ObjectiveConfig
+    from unisd.reliability import agreement_weights
+
+    lengths = [len(y) for y in ys]
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.long)
+    total = int(offsets[-1])
+    flat_views = torch.zeros(num_views, total)
+    has_views = torch.zeros(len(ys), dtype=torch.bool)
+    for n, per_view in view_logps.items():
+        has_views[n] = True
+        for k in range(num_views):
+            flat_views[k, offsets[n] : offsets[n + 1]] = torch.tensor(per_view[k])
+    weights = torch.ones(total)
+    chosen = sorted(view_logps)
+    if chosen and num_views >= 2:
+        stacked, mask = stack_views(
+            [torch.tensor(view_logps[n], dtype=torch.float32).reshape(num_views, -1) for n in chosen]
+        )
+        if objective is None or objective.agreement == "none":
+            objective = ObjectiveConfig(agreement="token")
+        # The shard is the batch here (faithful = per-batch quantiles): these weights are for inspection only.
+        w = agreement_weights(stacked, mask, **{**objective.agreement_kwargs(), "faithful": True})
+        for j, n in enumerate(chosen):
+            weights[offsets[n] : offsets[n + 1]] = w[j, : lengths[n]]
+    return {
+        "offsets": offsets,
+        "teacher_logps": torch.tensor([v for lp, _ in teacher for v in lp], dtype=torch.float32).reshape(-1),
+        "view_logps": flat_views.contiguous(),
+        "has_views": has_views,
+        "weights": weights,
+        "uncertainty": torch.tensor(uncertainty, dtype=torch.float32),
+    }
+
+
 def run_scoring(
     cfg: ScoringConfig,
     *,
@@ -260,165 +356,91 @@ def run_scoring(
     model=None,
     tokenizer=None,
 ) -> dict:
-    """Scoring stage for one shard (index range over the rolled-out items).
+    """Scoring stage for one shard (index range over the rolled-out items): the c*-teacher on every
+    completion → uncertainty → the K views on the `budget` most uncertain → scores.safetensors.
 
-    `objective` (an ObjectiveConfig; default: the `sd` preset's agreement settings with token level)
-    sets how the inspection weights are computed; the trainer recomputes them per batch anyway.
+    `objective` (an ObjectiveConfig; default: token agreement) sets how the inspection weights are computed;
+    the trainer recomputes them per batch anyway.
     """
     from unisd.models import load_model, load_tokenizer
-    from unisd.reliability import agreement_weights
 
     out_dir = Path(out_dir)
-    timer = Timer()
-    train_file = Path(prepared_dir) / "train.jsonl"
-    ctx_file = Path(contexts_dir) / "contexts.jsonl"
-    inputs_hash = hash_files(
-        [train_file, ctx_file, *[Path(d) / "completions.jsonl" for d in rollout_dirs]],
-        extra={"cfg": cfg.model_dump(), "model": model_spec},
+    train_file, ctx_file = Path(prepared_dir) / "train.jsonl", Path(contexts_dir) / "contexts.jsonl"
+    stage = begin_stage(
+        "score",
+        out_dir,
+        config={**cfg.model_dump(), "model": model_spec},
+        inputs=[train_file, ctx_file, *[Path(d) / "completions.jsonl" for d in rollout_dirs]],
+        model=model_spec,
     )
-    if done := completed_manifest(out_dir, inputs_hash):
-        return done
+    if stage.done:
+        return stage.done
+    timer = stage.timer
     prepared = {r["id"]: r for r in read_jsonl(train_file)}
     contexts = {r["id"]: r for r in read_jsonl(ctx_file)}
     completions = load_completions(rollout_dirs)
     ids = sorted(i for i in completions if i in prepared)
-    start, end = shard_range(len(ids), cfg.num_shards, cfg.shard_index)
-    ids = ids[start:end]
+    ids = ids[slice(*shard_range(len(ids), cfg.num_shards, cfg.shard_index))]
     with timer("load"):
         tokenizer = tokenizer or load_tokenizer(model_spec)
         model = model or load_model(model_spec)
     pad_id = tokenizer.pad_token_id
     ys = [completions[i]["completion_ids"] for i in ids]
-    scorable = [n for n, y in enumerate(ys) if len(y) > 0]
-
-    # 1) primary teacher (c*) on every completion: log-probs + entropy for the budget's uncertainty.
-    teacher_logps: list[list[float]] = [[] for _ in ids]
-    teacher_entropy: list[float] = [0.0 for _ in ids]
+    scorable = [n for n, y in enumerate(ys) if y]
     with timer("teacher"):
-        order = sorted(scorable, key=lambda n: len(prepared[ids[n]]["teacher_prompt_ids"]) + len(ys[n]))
-        for b in tqdm(range(0, len(order), cfg.batch_size), desc="scoring teacher", unit="batch"):
-            chunk = order[b : b + cfg.batch_size]
-            scored = _score_rows_plain(
-                model,
-                [prepared[ids[n]]["teacher_prompt_ids"] for n in chunk],
-                [ys[n] for n in chunk],
-                pad_id=pad_id,
-                chunk_size=cfg.chunk_size,
-                want_entropy=True,
-            )
-            for n, (lp, ent) in zip(chunk, scored):
-                teacher_logps[n] = lp
-                teacher_entropy[n] = sum(ent) / max(1, len(ent))
-
-    # 2) uncertainty → which completions get the K views.
-    uncertainty = teacher_entropy
-    student_logps: dict[int, list[float]] = {}
-    if cfg.uncertainty == "divergence" or cfg.staleness_items:
-        need = scorable if cfg.uncertainty == "divergence" else scorable[: cfg.staleness_items]
-        with timer("student"):
-            for b in range(0, len(need), cfg.batch_size):
-                chunk = need[b : b + cfg.batch_size]
-                scored = _score_rows_plain(
-                    model,
-                    [prepared[ids[n]]["student_prompt_ids"] for n in chunk],
-                    [ys[n] for n in chunk],
-                    pad_id=pad_id,
-                    chunk_size=cfg.chunk_size,
-                )
-                for n, (lp, _) in zip(chunk, scored):
-                    student_logps[n] = lp
-    if cfg.uncertainty == "divergence":
-        # Sampled-token estimate of KL(student ‖ teacher) on y ~ student: mean_t (log p^S − log p^T).
-        uncertainty = [
-            sum(s - t for s, t in zip(student_logps.get(n, []), teacher_logps[n])) / max(1, len(ys[n]))
-            for n in range(len(ids))
-        ]
-    chosen = select_for_budget([uncertainty[n] for n in scorable], cfg.budget) if scorable else set()
-    chosen_items = [scorable[j] for j in sorted(chosen)]
-
-    # 3) K views on the chosen completions, in one pool of rows.
-    rows, owners = [], []
-    for n in chosen_items:
-        for k, view in enumerate(contexts[ids[n]]["views"]):
-            rows.append((view["prompt_ids"], ys[n], view.get("context_id")))
-            owners.append((n, k))
-    num_views = len(contexts[ids[0]]["views"]) if ids else 0
-    view_logps: dict[int, list[list[float]]] = {n: [[] for _ in range(num_views)] for n in chosen_items}
-    with timer("views"):
-        scored_rows = score_views(
+        teacher_rows = score_completions(
             model,
-            rows,
+            [prepared[ids[n]]["teacher_prompt_ids"] for n in scorable],
+            [ys[n] for n in scorable],
+            cfg,
             pad_id=pad_id,
-            batch_size=cfg.batch_size,
-            chunk_size=cfg.chunk_size,
-            prefix_cache=cfg.prefix_cache,
-            min_shared_prefix=cfg.min_shared_prefix,
+            want_entropy=True,
+            desc="scoring teacher",
         )
-    for (n, k), lp in zip(owners, scored_rows):
-        view_logps[n][k] = lp
-
-    # 4) flat per-token arrays (+ offsets) → safetensors; weights over the shard for inspection.
-    lengths = [len(y) for y in ys]
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.long)
-    total = int(offsets[-1])
-    flat_views = torch.zeros(num_views, total)
-    has_views = torch.zeros(len(ids), dtype=torch.bool)
-    for n, per_view in view_logps.items():
-        has_views[n] = True
-        for k in range(num_views):
-            flat_views[k, offsets[n] : offsets[n + 1]] = torch.tensor(per_view[k])
-    weights = torch.ones(total)
-    if chosen_items and num_views >= 2:
-        stacked, mask = stack_views(
-            [torch.tensor(view_logps[n], dtype=torch.float32).reshape(num_views, -1) for n in chosen_items]
-        )
-        from unisd.objective import ObjectiveConfig
-
-        if objective is None or objective.agreement == "none":
-            objective = ObjectiveConfig(agreement="token")
-        # The shard is the batch here (faithful = per-batch quantiles): these weights are for inspection only.
-        w = agreement_weights(stacked, mask, **{**objective.agreement_kwargs(), "faithful": True})
-        for j, n in enumerate(chosen_items):
-            weights[offsets[n] : offsets[n + 1]] = w[j, : lengths[n]]
-    tensors = {
-        "offsets": offsets,
-        "teacher_logps": torch.tensor([v for lp in teacher_logps for v in lp], dtype=torch.float32).reshape(
-            -1
-        ),
-        "view_logps": flat_views.contiguous(),
-        "has_views": has_views,
-        "weights": weights,
-        "uncertainty": torch.tensor(uncertainty, dtype=torch.float32),
-    }
+    teacher: list[tuple[list[float], list[float] | None]] = [([], None)] * len(ids)
+    for n, row in zip(scorable, teacher_rows):
+        teacher[n] = row
+    student: dict[int, list[float]] = {}
+    need = scorable if cfg.uncertainty == "divergence" else scorable[: cfg.staleness_items]
+    if need:
+        with timer("student"):
+            scored = score_completions(
+                model,
+                [prepared[ids[n]]["student_prompt_ids"] for n in need],
+                [ys[n] for n in need],
+                cfg,
+                pad_id=pad_id,
+            )
+        student = {n: lp for n, (lp, _) in zip(need, scored)}
+    uncertainty = uncertainty_of(cfg, teacher, student, ys)
+    picked = select_for_budget([uncertainty[n] for n in scorable], cfg.budget) if scorable else set()
+    chosen = [scorable[j] for j in sorted(picked)]
+    views_of = [contexts[i]["views"] for i in ids]
+    with timer("views"):
+        view_logps = score_chosen_views(model, views_of, ys, chosen, cfg, pad_id=pad_id)
+    num_views = len(views_of[0]) if ids else 0
+    tensors = pack_scores(ys, teacher, view_logps, num_views, uncertainty, objective)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "scores.safetensors") as tmp:
         save_file(tensors, str(tmp))
     write_json(out_dir / "ids.json", ids)
     staleness = [
-        abs(a - b)
-        for n, lp in student_logps.items()
-        for a, b in zip(completions[ids[n]].get("logps", []), lp)
+        abs(a - b) for n, lp in student.items() for a, b in zip(completions[ids[n]].get("logps", []), lp)
     ]
+    weights = tensors["weights"]
     counts = {
         "items": len(ids),
         "empty_completions": len(ids) - len(scorable),
-        "scored_views": len(chosen_items),
+        "scored_views": len(chosen),
         "num_views": num_views,
-        "view_rows": len(rows),
+        "view_rows": len(chosen) * num_views,
         "budget": cfg.budget,
         "staleness_mean_abs_logp": (sum(staleness) / len(staleness)) if staleness else None,
-        "weight_min": float(weights.min()) if total else None,
-        "weight_mean": float(weights.mean()) if total else None,
-        "weight_max": float(weights.max()) if total else None,
+        "weight_min": float(weights.min()) if weights.numel() else None,
+        "weight_mean": float(weights.mean()) if weights.numel() else None,
+        "weight_max": float(weights.max()) if weights.numel() else None,
     }
-    return write_manifest(
-        out_dir,
-        stage="score",
-        config={**cfg.model_dump(), "model": model_spec},
-        inputs_hash=inputs_hash,
-        counts=counts,
-        timings=timer.timings,
-    )
+    return stage.finish(counts=counts)
 
 
 def load_scores(dirs: Sequence[str | Path]) -> dict[str, dict[str, torch.Tensor]]:

@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import Field, field_validator
 
-from unisd.config import StrictModel
+from unisd.config import StrictModel, flatten
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -245,18 +245,6 @@ def _numeric(value: Any) -> float | None:
     raise TypeError(f"not a number: {value!r}")
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} → {"a.b": 1} (params and tags are flat in MLflow)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     if len(text) > _MAX_PARAM_VALUE:
@@ -349,7 +337,7 @@ def log_params(cfg: TrackingConfig, run_id: str, params: Mapping[str, Any]) -> i
     Returns the number of params logged."""
     from mlflow.entities import Param
 
-    flat = _flatten(params)
+    flat = flatten(params)
     items: dict[str, Param] = {}
     for key, value in flat.items():
         name = sanitize_metric_name(key)

@@ -659,8 +659,10 @@ def run_train(
     score_dirs: Sequence[str | Path] = (),
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     stop_after_steps: int | None = None,
+    restart: bool = False,
 ) -> dict[str, Any]:
-    """Train stage. Resumes from the latest checkpoint in `out_dir/checkpoints` when there is one.
+    """Train stage. Resumes from the latest checkpoint in `out_dir/checkpoints` when it was written with the
+    same settings and inputs (refuses otherwise; `restart` discards it).
 
     Writes `out_dir/adapter` (LoRA) and/or `out_dir/merged` (full HF model dir), `metrics.jsonl`,
     `manifest.json`. `stop_after_steps` ends the process early (used to test kill-and-resume).
@@ -678,6 +680,9 @@ def run_train(
         log.info("train: %s is complete for these inputs", out_dir)
         return stage.done
     timer = stage.timer
+    if stage.stale or restart:  # the checkpoints are another run's: start fresh, never mix
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        metrics_path.unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -708,8 +713,8 @@ def run_train(
         saved_hash = read_json(ckpt / "trainer_state.json").get("inputs_hash")
         if saved_hash != stage.inputs_hash:
             raise ValueError(
-                f"{ckpt_dir} holds checkpoints of a run with other settings or inputs; resuming would mix "
-                f"the two. Use a new --out, or delete {ckpt_dir} to start fresh"
+                f"{ckpt_dir} holds checkpoints of an unfinished run with other settings or inputs; resuming "
+                "would mix the two. Rerun with --restart to discard them, or use a new --out"
             )
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, teacher=teacher)
         log.info("resumed from %s (step %d)", ckpt, state["step"])

