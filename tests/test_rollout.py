@@ -6,7 +6,15 @@ import pytest
 
 from unisd.artifacts import read_jsonl, write_jsonl
 from unisd.models import tiny_model
-from unisd.rollout import PARTIAL_KEY, RolloutConfig, generate_hf, rollout_stage, run_rollout, shard_range
+from unisd.rollout import (
+    PARTIAL_KEY,
+    RolloutConfig,
+    generate_hf,
+    generate_pruned,
+    rollout_stage,
+    run_rollout,
+    shard_range,
+)
 from unisd.scoring import _score_rows_plain
 
 
@@ -118,3 +126,37 @@ def test_partial_rollout_from_other_settings_is_discarded_not_mixed(model, tmp_p
     )
     done = read_jsonl(out / "completions.jsonl")
     assert all(r["text"] != "OLD" and len(r["completion_ids"]) <= 4 for r in done)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_pruned_decode_equals_hf_generate_greedy_and_its_logps_are_exact(arch):
+    """Rows leave the batch when they end, yet every row gets HF generate's greedy tokens, and the recorded
+    log-probs equal a teacher-forced re-score (staleness ≈ 0): the faster path changes nothing it returns."""
+    model = tiny_model(arch, vocab_size=64, seed=3)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [10, 11], [12, 13, 14], [20, 21, 22, 23], [30]]
+    cfg = RolloutConfig(temperature=0.0, max_new_tokens=12)
+
+    class Tok(_Tok):
+        eos_token_id = 63
+
+    model.generation_config.eos_token_id = 63
+    # EOS := the third token the first row writes, so that row ends early and the others (likely) later.
+    first_row = generate_hf(model, Tok(), prompts, cfg)[0][0]
+    Tok.eos_token_id = model.generation_config.eos_token_id = first_row[min(2, len(first_row) - 1)]
+    hf = generate_hf(model, Tok(), prompts, cfg)
+    pruned = generate_pruned(model, Tok(), prompts, cfg)
+    assert [r[0] for r in pruned] == [r[0] for r in hf] and [r[1] for r in pruned] == [r[1] for r in hf]
+    lengths = {len(ids) for ids, _, _ in pruned}
+    assert len(lengths) > 1  # rows really finished at different steps
+    for p, (ids, _, logps) in zip(prompts, pruned):
+        rescored = _score_rows_plain(model, [p], [ids], pad_id=0, chunk_size=4)[0][0]
+        assert logps == pytest.approx(rescored, abs=1e-4)
+    sampled = RolloutConfig(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=5)
+    first, second = (
+        generate_pruned(model, Tok(), prompts, sampled),
+        generate_pruned(model, Tok(), prompts, sampled),
+    )
+    assert first == second  # seeded
+    for p, (ids, _, logps) in zip(prompts, first):  # temperature-1 log-probs of the sampled tokens, exact
+        rescored = _score_rows_plain(model, [p], [ids], pad_id=0, chunk_size=4)[0][0]
+        assert logps == pytest.approx(rescored, abs=1e-4)

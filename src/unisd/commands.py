@@ -240,7 +240,7 @@ def _objective_diff_args(p):
     _objective_diff_args,
 )
 def cmd_objective_diff(args):
-    from unisd.objective_diff import diff_table, objective_diff
+    from unisd.objective.diff import diff_table, objective_diff
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets else None
     rows = objective_diff(

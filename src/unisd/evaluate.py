@@ -22,7 +22,7 @@ import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -53,6 +53,9 @@ class EvalConfig(StrictModel):
     limit: int | None = None  # items per benchmark (a prefix of the held-out split, which is already seeded)
     max_new_tokens: int = 512
     batch_size: int = 8
+    decode: Literal["hf", "pruned"] = (
+        "hf"  # unisd.rollout.generate: "pruned" drops finished rows from the batch
+    )
     num_samples: int = Field(1, ge=1)  # n for pass@k; 1 = greedy pass@1
     sample_temperature: float = 0.8
     pass_k: list[int] = [1]
@@ -86,13 +89,14 @@ def generate_completions(
     killed eval loses at most one batch). A row is reused only if it was made from the same prompt under
     the same `progress_key` (the model) and decoding settings, so a changed run starts over.
     """
-    from unisd.rollout import RolloutConfig, generate_hf
+    from unisd.rollout import RolloutConfig, generate
 
     rcfg = RolloutConfig(
         temperature=cfg.sample_temperature if sample else 0.0,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        decode=cfg.decode,
     )
     settings = json.dumps([progress_key, rcfg.model_dump()])
 
@@ -110,7 +114,7 @@ def generate_completions(
             batch = range(b, min(b + cfg.batch_size, len(prompts)))
             if all(i in done for i in batch):
                 continue
-            results = generate_hf(model, tokenizer, [prompts[i] for i in batch], rcfg, first_index=b)
+            results = generate(model, tokenizer, [prompts[i] for i in batch], rcfg, first_index=b)
             for i, (ids, finished, _) in zip(batch, results):
                 done[i] = (ids, finished)
                 sink.write(
@@ -129,7 +133,7 @@ def sequence_logprobs(
     model, prompts: Sequence[list[int]], completions: Sequence[list[int]], *, pad_id: int, batch_size: int = 8
 ) -> list[list[float]]:
     """log p(y_t | x, y<t) for each completion token, batched."""
-    from unisd.losses import sampled_token_logprobs
+    from unisd.objective.losses import sampled_token_logprobs
 
     out: list[list[float]] = []
     head = lm_head_of(model).weight
@@ -156,7 +160,7 @@ def symmetric_jsd(
     batch_size: int = 8,
 ) -> list[list[float]]:
     """Token-level JSD(p_a, p_b) with β = 0.5 (symmetric, ∈ [0, log 2]) along each completion."""
-    from unisd.losses import chunked_token_divergence
+    from unisd.objective.losses import chunked_token_divergence
 
     out: list[list[float]] = []
     head_a, head_b = lm_head_of(model_a).weight, lm_head_of(model_b).weight
@@ -227,7 +231,7 @@ def sample_answers(model, tokenizer, prompts, cfg: EvalConfig, *, progress: Path
             model,
             tokenizer,
             prompts,
-            # generate_hf seeds each batch with seed + first_index: offsets this far apart keep
+            # generation seeds each batch with seed + first_index: offsets this far apart keep
             # every round's batches on distinct seeds (identical seeds = identical samples).
             cfg.model_copy(update={"seed": cfg.seed + 1_000_003 * (j + 1)}),
             sample=True,

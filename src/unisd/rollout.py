@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 class RolloutConfig(StrictModel):
     backend: Literal["auto", "hf", "vllm"] = "auto"
+    # HF-model decode loop: "hf" = model.generate; "pruned" = finished rows leave the batch (generate_pruned)
+    decode: Literal["hf", "pruned"] = "hf"
     max_new_tokens: int = 256
     temperature: float = 0.7  # the reference trains with T_r = 0.7, top_p = 1
     top_p: float = 1.0
@@ -143,6 +145,88 @@ def generate_hf(
         ids, finished = _truncate_at_eos(new_tokens[i].tolist(), eos)
         results.append((ids, finished, step_logps[i, : len(ids)].tolist()))
     return results
+
+
+@torch.no_grad()
+def generate_pruned(
+    model, tokenizer, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, *, first_index: int = 0
+) -> list[tuple[list[int], bool, list[float]]]:
+    """`generate_hf` without the wait: a row leaves the batch (and its KV cache) the moment it writes EOS, so
+    every decode step runs only the rows still writing — short answers stop costing compute while long ones
+    finish. Same returns as `generate_hf`.
+
+    Greedy decoding gives the same tokens as HF generate (same prefill positions, same masks); the recorded
+    log-probs are the model's own at temperature 1 under this path (staleness vs the trainer ≈ 0). Sampling
+    draws from a generator seeded with `cfg.seed + first_index` (reproducible; not HF's random stream).
+    """
+    device = next(model.parameters()).device
+    n, width = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(list(p))
+        attention[i, width - len(p) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)  # as HF generate computes them
+    eos = torch.tensor(sorted(eos_token_ids(tokenizer, model)), device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + first_index)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    rows = torch.arange(n, device=device)  # batch position → prompt index, for the rows still writing
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    finished = [False] * n
+    for step in range(cfg.max_new_tokens):
+        next_ids, next_logps = _next_tokens(logits, cfg, generator)
+        done = torch.isin(next_ids, eos)
+        for r, t, lp, d in zip(rows.tolist(), next_ids.tolist(), next_logps.tolist(), done.tolist()):
+            tokens[r].append(t)
+            logps[r].append(lp)
+            finished[r] = d
+        keep = (~done).nonzero().squeeze(1)
+        if keep.numel() == 0 or step == cfg.max_new_tokens - 1:
+            break
+        if keep.numel() < rows.numel():  # drop the finished rows from the batch and its cache
+            cache.batch_select_indices(keep)
+            rows, attention, next_ids = rows[keep], attention[keep], next_ids[keep]
+        attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
+        out = model(
+            input_ids=next_ids[:, None],
+            attention_mask=attention,
+            position_ids=attention.sum(-1, keepdim=True) - 1,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    return [(tokens[i], finished[i], logps[i]) for i in range(n)]
+
+
+def _next_tokens(logits: torch.Tensor, cfg: RolloutConfig, generator: torch.Generator):
+    """[B, V] raw logits → (next token [B], its log-prob at temperature 1 [B]): greedy, or a sample at the
+    rollout temperature with nucleus top_p (top_p=1: the whole vocabulary, as the reference samples)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if cfg.temperature <= 0:
+        next_ids = logp.argmax(-1)
+    else:
+        probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+        if cfg.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest set reaching top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+        next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return next_ids, logp.gather(1, next_ids[:, None]).squeeze(1)
+
+
+def generate(model, tokenizer, prompts, cfg: RolloutConfig, *, first_index: int = 0):
+    """The HF-model decode path `cfg.decode` names: "hf" (model.generate) or "pruned" (generate_pruned)."""
+    decode = generate_pruned if cfg.decode == "pruned" else generate_hf
+    return decode(model, tokenizer, prompts, cfg, first_index=first_index)
 
 
 class VLLMRollout:
@@ -275,7 +359,7 @@ def run_rollout(
             if backend == "vllm":
                 results = engine.generate(prompts, first_index=first)
             else:
-                results = generate_hf(model, tokenizer, prompts, cfg, first_index=first)
+                results = generate(model, tokenizer, prompts, cfg, first_index=first)
             for (_, it), (ids, finished, logps) in zip(chunk, results):
                 row = asdict(
                     Completion(

@@ -311,7 +311,7 @@ def pack_scores(
 ):
     """Flat per-token arrays + offsets (the safetensors payload) and the inspection weights over the shard."""
     from unisd.objective import ObjectiveConfig
-    from unisd.reliability import agreement_weights
+    from unisd.objective.reliability import agreement_weights
 
     lengths = [len(y) for y in ys]
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.long)

@@ -88,6 +88,7 @@ class TrainConfig(StrictModel):
     # online mode only
     online_max_new_tokens: int = 128
     online_temperature: float = 0.7
+    online_decode: Literal["hf", "pruned"] = "hf"
 
 
 class BadInputError(RuntimeError):
@@ -387,8 +388,8 @@ def micro_batch_loss(
     normalizers,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward passes + objective for one micro-batch; returns (loss to backward, stats)."""
-    from unisd.losses import sampled_token_logprobs
     from unisd.objective import compute_sft_objective
+    from unisd.objective.losses import sampled_token_logprobs
 
     device = next(model.parameters()).device
     completions = [it["completion_ids"] for it in items]
@@ -470,7 +471,7 @@ def window_weights(
     `faithful` computes it per micro-batch, as the reference does. Items without view log-probs
     (outside the scoring budget) get weight 1.
     """
-    from unisd.reliability import agreement_weights
+    from unisd.objective.reliability import agreement_weights
 
     if not objective.uses_views:
         return None
@@ -515,16 +516,19 @@ def window_normalizer_counts(
 
 def _online_refresh(model, tokenizer, teacher, objective, window, cfg: TrainConfig, step: int) -> None:
     """Online mode: the current student writes this window's completions, then the views score them."""
-    from unisd.rollout import RolloutConfig, generate_hf
+    from unisd.rollout import RolloutConfig, generate
     from unisd.scoring import score_views
 
     rollout_cfg = RolloutConfig(
-        temperature=cfg.online_temperature, max_new_tokens=cfg.online_max_new_tokens, seed=cfg.seed
+        temperature=cfg.online_temperature,
+        max_new_tokens=cfg.online_max_new_tokens,
+        seed=cfg.seed,
+        decode=cfg.online_decode,
     )
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        results = generate_hf(
+        results = generate(
             model,
             tokenizer,
             [it["student_prompt_ids"] for it in window],
@@ -559,7 +563,7 @@ def _online_refresh(model, tokenizer, teacher, objective, window, cfg: TrainConf
 def build_models(cfg: TrainConfig, objective: ObjectiveConfig, model_spec: str):
     """(tokenizer, student, teacher) on the default device; the teacher per the objective (SFT: none used)."""
     from unisd.models import default_device, load_tokenizer
-    from unisd.teacher import build_teacher
+    from unisd.objective.teacher import build_teacher
 
     tokenizer = load_tokenizer(model_spec)
     model = build_student(model_spec, cfg, default_device())

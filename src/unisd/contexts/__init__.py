@@ -110,6 +110,7 @@ class ContextsConfig(StrictModel):
     negative_max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.7, ge=0.0)
     batch_size: int = Field(8, ge=1)  # generation batch
+    decode: Literal["hf", "pruned"] = "hf"  # unisd.rollout.generate (negatives, induced instructions)
     max_context_prompt_tokens: int = Field(4096, ge=1)
     max_negative_prompt_tokens: int = Field(4096, ge=1)
     sandbox_timeout_s: float = 5.0

@@ -32,20 +32,26 @@ def sample_texts(
     batch_size: int,
     seed: int,
     desc: str,
+    decode: str = "hf",
 ) -> list[str]:
     """One sampled completion per prompt, decoded. Prompts are batched by length (less padding); every
     batch's seed follows from its position, so the same prompts give the same texts."""
-    from unisd.rollout import RolloutConfig, generate_hf
+    from unisd.rollout import RolloutConfig, generate
 
     cfg = RolloutConfig(
-        backend="hf", temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+        backend="hf",
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        decode=decode,
     )
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     texts: list[str] = [""] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
         for b in range(0, len(order), batch_size):
             chunk = order[b : b + batch_size]
-            results = generate_hf(model, tokenizer, [prompts[i] for i in chunk], cfg, first_index=b)
+            results = generate(model, tokenizer, [prompts[i] for i in chunk], cfg, first_index=b)
             for i, (ids, _finished, _logps) in zip(chunk, results):
                 texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
             bar.update(len(chunk))
@@ -117,6 +123,7 @@ def build_induced_pool(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         desc="inducing instructions",
+        decode=cfg.decode,
     )
     pool: list[dict[str, Any]] = []
     per_bench: Counter[str] = Counter()

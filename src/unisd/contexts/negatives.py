@@ -69,6 +69,7 @@ def generate_candidates(records: Sequence[Record], cfg, *, model, tokenizer) -> 
         batch_size=cfg.batch_size,
         seed=cfg.seed + 1,
         desc="negative demonstrations",
+        decode=cfg.decode,
     )
     return [(rec, s, raw) for (rec, s), raw in zip(requests, raws)]
 

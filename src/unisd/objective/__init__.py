@@ -1,11 +1,19 @@
 """The UniSD objective: its typed config, the presets, and the function the trainer calls each micro-batch.
 
-    L = L_KD + λ_c L_CL + λ_f L_FM          (match_repr: L = L_FM alone, as the reference)
+    L = L_KD + λ_c L_CL + λ_f L_FM          (match_repr: L = L_FM alone, as the reference; sft: L = NLL)
+
+The package, in reading order:
+    losses       the terms as pure tensor functions (divergences chunked over the vocabulary, clipping,
+                 reductions, L_CL, L_FM)
+    reliability  agreement weights from the K views' log-probs (global-batch quantiles)
+    teacher      the frozen θ₀ or EMA teacher (full fine-tuning or LoRA)
+    diff         `unisd objective-diff`: how far each preset computes from plain SD
+    (here)       ObjectiveConfig, the presets (configs/presets/*.yaml), window normalisers, compute_objective
 
 `compute_objective` takes the student's and the c*-teacher's final hidden states at the completion
 positions ([B, T, H], row t predicts tokens[:, t]) plus the LM head weights, gathers the valid tokens
-of `mask`, and assembles every term from `unisd.losses` without materialising [B, T, V]. It returns the
-loss and a flat dict of float stats (every term, the divergence, clipping, agreement weights).
+of `mask`, and assembles every term from `unisd.objective.losses` without materialising [B, T, V]. It
+returns the loss and a flat dict of float stats (every term, the divergence, clipping, agreement weights).
 
 Gradient accumulation: pass `normalizers` from `window_normalizers` (counts over the whole window) so
 that the sum of the per-micro-batch losses is the window's loss — divide nothing afterwards.
@@ -24,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from unisd.config import StrictModel, read_yaml, validate
-from unisd.losses import (
+from unisd.objective.losses import (
     DEFAULT_CHUNK_SIZE,
     chunked_distribution_contrastive,
     chunked_divergence_and_logprobs,
@@ -36,7 +44,7 @@ from unisd.losses import (
     reduce_per_token,
     sampled_token_logprobs,
 )
-from unisd.reliability import agreement_weights, distributed_world_size, summarize_weights
+from unisd.objective.reliability import agreement_weights, distributed_world_size, summarize_weights
 
 
 class ObjectiveConfig(StrictModel):
@@ -125,7 +133,7 @@ class ObjectiveConfig(StrictModel):
         return "every" if self.faithful else self.ema_schedule
 
     def agreement_kwargs(self) -> dict:
-        """The keyword arguments of `unisd.reliability.agreement_weights` this config sets."""
+        """The keyword arguments of `unisd.objective.reliability.agreement_weights` this config sets."""
         return dict(
             level=self.agreement,
             stat=self.agreement_stat,
@@ -153,7 +161,7 @@ def load_objective(path: str | Path) -> ObjectiveConfig:
 
 # The modes of ALGORITHM.md's table, one YAML file each (configs/presets/<name>.yaml, `objective:` holds only
 # what differs from the ObjectiveConfig defaults): the one list of presets.
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[3] / "configs" / "presets"
 
 
 def _load_presets() -> dict[str, ObjectiveConfig]:
