@@ -127,7 +127,7 @@ def _load_stage_commands() -> None:
     root = Path(os.environ.get("UNISD_PROJECT_ROOT", Path(__file__).resolve().parents[2]))
     if (root / "pipelines" / "cli.py").exists() and str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    for module in ("unisd.commands", "pipelines.cli"):
+    for module in ("unisd.commands", "pipelines.cli", "pipelines.experiment_pipeline"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

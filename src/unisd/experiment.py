@@ -418,3 +418,48 @@ def run_experiment(
                     run_variant(cell, cfg, variant, shared)
                 written.append(cell.result_file(variant))
     return written
+
+
+# --------------------------------------------------------------------------------------------------
+# the pieces the KFP experiment pipeline runs (pipelines/experiment_pipeline.py)
+
+
+def experiment_cells(cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
+    """([{model, seed}] groups, [{model, seed, variant}] cells) of the plans, in plan order."""
+    groups = [{"model": p.model, "seed": seed} for p in cfg.experiment.plans for seed in p.seeds]
+    cells = [
+        {"model": p.model, "seed": seed, "variant": v}
+        for p in cfg.experiment.plans
+        for seed in p.seeds
+        for v in p.variants
+    ]
+    return groups, cells
+
+
+def run_group_stages(experiment_yaml: str, model: str, seed: int, work_dir: str) -> dict[str, float]:
+    """The shared stages of one (model, seed) for all its plan's variants, under `work_dir` (a cluster run's
+    cache volume folder): what every variant of that group starts from."""
+    import yaml
+
+    cfg = validate(ExperimentConfig, yaml.safe_load(experiment_yaml), source="experiment config")
+    variants = next(p.variants for p in cfg.experiment.plans if p.model == model and seed in p.seeds)
+    cell = Cell(Path(work_dir), Path(work_dir) / "results", model, int(seed))
+    return shared_stages(cell, cfg, [v for v in variants if v != BASE])
+
+
+def run_cell(
+    experiment_yaml: str, model: str, seed: int, variant: str, work_dir: str, result_file: str
+) -> dict:
+    """One variant of one (model, seed), after its group's shared stages; the result also goes to
+    `result_file` (the KFP output artifact)."""
+    import yaml
+
+    cfg = validate(ExperimentConfig, yaml.safe_load(experiment_yaml), source="experiment config")
+    cell = Cell(Path(work_dir), Path(work_dir) / "results", model, int(seed))
+    result = (
+        read_json(cell.result_file(variant))
+        if finished(cell, cfg, variant)
+        else run_variant(cell, cfg, variant, {})
+    )
+    write_json(result_file, result)
+    return result
