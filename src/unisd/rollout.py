@@ -331,14 +331,18 @@ def run_rollout(
     todo = [(start + i, it) for i, it in enumerate(items) if it["id"] not in done_rows]
     backend = pick_backend(cfg.backend)
     with timer("load"):
-        if tokenizer is None:
-            tokenizer = load_tokenizer(model_spec)
+        tokenizer = tokenizer or load_tokenizer(model_spec)
         if backend == "vllm":
             from unisd.models import resolve_model_path
 
             engine = VLLMRollout(resolve_model_path(model_spec), cfg)
-        elif model is None:
-            model = load_model(model_spec)
+            decode = engine.generate
+        else:
+            model = model or load_model(model_spec)
+
+            def decode(prompts, *, first_index):
+                return generate(model, tokenizer, prompts, cfg, first_index=first_index)
+
     log.info(
         "rollout: backend=%s, %d items (%d already done) in shard %d/%d",
         backend,
@@ -347,29 +351,8 @@ def run_rollout(
         cfg.shard_index,
         cfg.num_shards,
     )
-    with (
-        timer("generate"),
-        open(out_dir / "partial.jsonl", "a") as sink,
-        tqdm(total=len(todo), desc="rollout", unit="item") as bar,
-    ):
-        for b in range(0, len(todo), cfg.batch_size):
-            chunk = todo[b : b + cfg.batch_size]
-            prompts = [it["student_prompt_ids"] for _, it in chunk]
-            first = chunk[0][0]
-            if backend == "vllm":
-                results = engine.generate(prompts, first_index=first)
-            else:
-                results = generate(model, tokenizer, prompts, cfg, first_index=first)
-            for (_, it), (ids, finished, logps) in zip(chunk, results):
-                row = asdict(
-                    Completion(
-                        it["id"], ids, tokenizer.decode(ids, skip_special_tokens=True), finished, logps
-                    )
-                )
-                done_rows[it["id"]] = row
-                sink.write(json.dumps(row) + "\n")
-            sink.flush()  # a killed rollout keeps every finished batch
-            bar.update(len(chunk))
+    with timer("generate"):
+        append_completions(todo, decode, tokenizer, cfg.batch_size, out_dir / "partial.jsonl", done_rows)
     rows = [done_rows[it["id"]] for it in items]
     write_jsonl(out_dir / "completions.jsonl", rows)
     (out_dir / "partial.jsonl").unlink(missing_ok=True)
@@ -388,6 +371,21 @@ def run_rollout(
 
 
 PARTIAL_KEY = "partial.key"
+
+
+def append_completions(todo, decode, tokenizer, batch_size: int, partial: Path, done_rows: dict) -> None:
+    """Generate the `todo` items (index, row) batch by batch, appending each finished batch to `partial` (a
+    killed rollout keeps every finished batch) and to `done_rows`."""
+    with open(partial, "a") as sink, tqdm(total=len(todo), desc="rollout", unit="item") as bar:
+        for b in range(0, len(todo), batch_size):
+            chunk = todo[b : b + batch_size]
+            results = decode([it["student_prompt_ids"] for _, it in chunk], first_index=chunk[0][0])
+            for (_, it), (ids, finished, logps) in zip(chunk, results):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                done_rows[it["id"]] = row = asdict(Completion(it["id"], ids, text, finished, logps))
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            bar.update(len(chunk))
 
 
 def rollout_stage(cfg: RolloutConfig, model_spec: str, train_file: Path, out_dir: Path):

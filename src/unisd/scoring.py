@@ -270,6 +270,32 @@ def score_completions(
     return out
 
 
+def score_teacher_and_student(model, rows, ys, scorable, cfg: ScoringConfig, *, pad_id: int, timer):
+    """The c*-teacher on every non-empty completion ((log-probs, entropies) per item), and the student on the
+    ones the uncertainty (divergence) or the staleness check needs ({item: log-probs})."""
+    with timer("teacher"):
+        scored = score_completions(
+            model,
+            [rows[n]["teacher_prompt_ids"] for n in scorable],
+            [ys[n] for n in scorable],
+            cfg,
+            pad_id=pad_id,
+            want_entropy=True,
+            desc="scoring teacher",
+        )
+    teacher: list[tuple[list[float], list[float] | None]] = [([], None)] * len(ys)
+    for n, row in zip(scorable, scored):
+        teacher[n] = row
+    need = scorable if cfg.uncertainty == "divergence" else scorable[: cfg.staleness_items]
+    student: dict[int, list[float]] = {}
+    if need:
+        with timer("student"):
+            prompts = [rows[n]["student_prompt_ids"] for n in need]
+            scored = score_completions(model, prompts, [ys[n] for n in need], cfg, pad_id=pad_id)
+        student = {n: lp for n, (lp, _) in zip(need, scored)}
+    return teacher, student
+
+
 def uncertainty_of(cfg: ScoringConfig, teacher: Sequence, student: dict[int, list[float]], ys) -> list[float]:
     """Per item: mean teacher entropy, or the sampled-token estimate of KL(student ‖ teacher) on y ~ student,
     mean_t (log p^S − log p^T) (cfg.uncertainty)."""
@@ -387,31 +413,8 @@ def run_scoring(
     pad_id = tokenizer.pad_token_id
     ys = [completions[i]["completion_ids"] for i in ids]
     scorable = [n for n, y in enumerate(ys) if y]
-    with timer("teacher"):
-        teacher_rows = score_completions(
-            model,
-            [prepared[ids[n]]["teacher_prompt_ids"] for n in scorable],
-            [ys[n] for n in scorable],
-            cfg,
-            pad_id=pad_id,
-            want_entropy=True,
-            desc="scoring teacher",
-        )
-    teacher: list[tuple[list[float], list[float] | None]] = [([], None)] * len(ids)
-    for n, row in zip(scorable, teacher_rows):
-        teacher[n] = row
-    student: dict[int, list[float]] = {}
-    need = scorable if cfg.uncertainty == "divergence" else scorable[: cfg.staleness_items]
-    if need:
-        with timer("student"):
-            scored = score_completions(
-                model,
-                [prepared[ids[n]]["student_prompt_ids"] for n in need],
-                [ys[n] for n in need],
-                cfg,
-                pad_id=pad_id,
-            )
-        student = {n: lp for n, (lp, _) in zip(need, scored)}
+    rows = [prepared[i] for i in ids]
+    teacher, student = score_teacher_and_student(model, rows, ys, scorable, cfg, pad_id=pad_id, timer=timer)
     uncertainty = uncertainty_of(cfg, teacher, student, ys)
     picked = select_for_budget([uncertainty[n] for n in scorable], cfg.budget) if scorable else set()
     chosen = [scorable[j] for j in sorted(picked)]

@@ -30,6 +30,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -651,6 +652,137 @@ def apply_update(params, optimizer, scheduler, teacher, max_grad_norm: float) ->
     return float(grad_norm)
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@dataclass
+class TrainingRun:
+    """The state of one training run between optimizer steps: what a checkpoint saves and restores."""
+
+    cfg: TrainConfig
+    objective: ObjectiveConfig
+    tokenizer: Any
+    model: Any
+    teacher: Any
+    items: list[dict[str, Any]]
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_steps: int
+    state: dict[str, Any]
+    started: float = 0.0
+    tokens_seen: int = 0
+
+    @classmethod
+    def create(cls, cfg, objective, tokenizer, model, teacher, items) -> TrainingRun:
+        total = total_steps_for(cfg, len(items))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        schedule = cosine_with_warmup(total, int(cfg.warmup_ratio * total))
+        state = {"step": 0, "epoch": 0, "position": 0, "bad_items": 0, "seen_items": 0}
+        run = cls(cfg, objective, tokenizer, model, teacher, items, params, optimizer, None, total, state)
+        run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        run.started = time.perf_counter()
+        return run
+
+    @property
+    def window_size(self) -> int:
+        return self.cfg.micro_batch_size * self.cfg.grad_accum
+
+    @property
+    def done(self) -> bool:
+        return self.state["step"] >= self.total_steps
+
+    def resume(self, ckpt_dir: Path, inputs_hash: str) -> None:
+        """Continue from the latest checkpoint, if it was written for the same inputs (refuse otherwise)."""
+        if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
+            if read_json(ckpt / "trainer_state.json").get("inputs_hash") != inputs_hash:
+                raise ValueError(
+                    f"{ckpt_dir} holds checkpoints of an unfinished run with other settings or inputs; resuming "
+                    "would mix the two. Rerun with --restart to discard them, or use a new --out"
+                )
+            parts = dict(
+                model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, teacher=self.teacher
+            )
+            self.state = load_checkpoint(ckpt, **parts)
+            log.info("resumed from %s (step %d)", ckpt, self.state["step"])
+        self.state["inputs_hash"] = inputs_hash
+
+    def next_window(self) -> list[dict[str, Any]]:
+        """The next accumulation window of the seeded epoch order (online: completions of the current student)."""
+        state = self.state
+        order = epoch_order(len(self.items), self.cfg.seed, state["epoch"])
+        if state["position"] + self.window_size > len(order) and state["position"] > 0:
+            state["epoch"], state["position"] = state["epoch"] + 1, 0
+            order = epoch_order(len(self.items), self.cfg.seed, state["epoch"])
+        window = [self.items[i] for i in order[state["position"] : state["position"] + self.window_size]]
+        if self.cfg.mode == "online" and self.objective.uses_rollouts:
+            window = [dict(it) for it in window]
+            _online_refresh(
+                self.model, self.tokenizer, self.teacher, self.objective, window, self.cfg, state["step"]
+            )
+        return window
+
+    def step(self, window: list[dict[str, Any]]) -> dict[str, Any]:
+        """One optimizer step on `window`; returns its metrics record."""
+        state, cfg = self.state, self.cfg
+        stats, bad = accumulate_window(
+            self.model,
+            self.teacher,
+            self.objective,
+            window,
+            micro_batch_size=cfg.micro_batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+        )
+        state["bad_items"] += bad
+        state["seen_items"] += len(window)
+        if state["bad_items"] > cfg.max_bad_fraction * max(state["seen_items"], self.window_size):
+            raise BadInputError(
+                f"{state['bad_items']} of {state['seen_items']} items gave non-finite losses "
+                f"(max_bad_fraction={cfg.max_bad_fraction}); stopping"
+            )
+        grad_norm = apply_update(self.params, self.optimizer, self.scheduler, self.teacher, cfg.max_grad_norm)
+        state["step"] += 1
+        state["position"] += self.window_size
+        self.tokens_seen += int(stats.get("num_tokens", 0))
+        return {
+            "step": state["step"],
+            **{k: round(v, 6) for k, v in stats.items()},
+            **self.teacher.drift(),
+            "train/grad_norm": grad_norm,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/tokens_per_s": self.tokens_seen / max(time.perf_counter() - self.started, 1e-9),
+            "train/bad_items": state["bad_items"],
+        }
+
+    def checkpoint(self, ckpt_dir: Path) -> None:
+        parts = dict(
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, teacher=self.teacher
+        )
+        save_checkpoint(ckpt_dir, **parts, state=self.state, keep=self.cfg.keep_checkpoints)
+
+
+def items_for(cfg, objective, tokenizer, prepared_dir, contexts_dir, rollout_dirs, score_dirs):
+    """The training items this run uses: staged rollouts + scores, or (online / SFT) the prepared rows alone."""
+    online = cfg.mode == "online" and objective.uses_rollouts
+    staged = cfg.mode == "staged" and objective.uses_rollouts
+    items, skipped = load_training_items(
+        prepared_dir,
+        contexts_dir,
+        rollout_dirs if staged else [],
+        score_dirs if staged else [],
+        need_views=online and objective.uses_views,
+        need_negatives=objective.uses_negative,
+        gold_tokenizer=tokenizer if objective.is_sft else None,
+        drop_truncated=cfg.drop_truncated,
+    )
+    check_items(items, skipped, cfg)
+    return items, skipped
+
+
 def run_train(
     cfg: TrainConfig,
     objective: ObjectiveConfig,
@@ -683,112 +815,41 @@ def run_train(
     if stage.done:
         log.info("train: %s is complete for these inputs", out_dir)
         return stage.done
-    timer = stage.timer
     if stage.stale or restart:  # the checkpoints are another run's: start fresh, never mix
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         metrics_path.unlink(missing_ok=True)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    with timer("load"):
+    seed_everything(cfg.seed)
+    with stage.timer("load"):
         tokenizer, model, teacher = build_models(cfg, objective, model_spec)
-    online = cfg.mode == "online" and objective.uses_rollouts
-    staged = cfg.mode == "staged" and objective.uses_rollouts
-    items, skipped = load_training_items(
-        prepared_dir,
-        contexts_dir,
-        rollout_dirs if staged else [],
-        score_dirs if staged else [],
-        need_views=online and objective.uses_views,
-        need_negatives=objective.uses_negative,
-        gold_tokenizer=tokenizer if objective.is_sft else None,
-        drop_truncated=cfg.drop_truncated,
+    items, skipped = items_for(
+        cfg, objective, tokenizer, prepared_dir, contexts_dir, rollout_dirs, score_dirs
     )
-    check_items(items, skipped, cfg)
-    window_size = cfg.micro_batch_size * cfg.grad_accum
-    total_steps = total_steps_for(cfg, len(items))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps))
-    )
-    state = {"step": 0, "epoch": 0, "position": 0, "bad_items": 0, "seen_items": 0}
-    if (ckpt := latest_checkpoint(ckpt_dir)) is not None:
-        saved_hash = read_json(ckpt / "trainer_state.json").get("inputs_hash")
-        if saved_hash != stage.inputs_hash:
-            raise ValueError(
-                f"{ckpt_dir} holds checkpoints of an unfinished run with other settings or inputs; resuming "
-                "would mix the two. Rerun with --restart to discard them, or use a new --out"
-            )
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, teacher=teacher)
-        log.info("resumed from %s (step %d)", ckpt, state["step"])
-    state["inputs_hash"] = stage.inputs_hash
+    run = TrainingRun.create(cfg, objective, tokenizer, model, teacher, items)
+    run.resume(ckpt_dir, stage.inputs_hash)
     history = [
-        h for h in (read_jsonl(metrics_path) if metrics_path.exists() else []) if h["step"] <= state["step"]
+        h
+        for h in (read_jsonl(metrics_path) if metrics_path.exists() else [])
+        if h["step"] <= run.state["step"]
     ]
-    order = epoch_order(len(items), cfg.seed, state["epoch"])
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step")
-    started, tokens_seen = time.perf_counter(), 0
-    while state["step"] < total_steps:
-        if state["position"] + window_size > len(order) and state["position"] > 0:
-            state["epoch"], state["position"] = state["epoch"] + 1, 0
-            order = epoch_order(len(items), cfg.seed, state["epoch"])
-        window = [items[i] for i in order[state["position"] : state["position"] + window_size]]
-        if online:
-            window = [dict(it) for it in window]
-            _online_refresh(model, tokenizer, teacher, objective, window, cfg, state["step"])
-        with timer("step"):
-            step_stats, bad_in_window = accumulate_window(
-                model,
-                teacher,
-                objective,
-                window,
-                micro_batch_size=cfg.micro_batch_size,
-                pad_id=tokenizer.pad_token_id,
-            )
-            state["bad_items"] += bad_in_window
-            state["seen_items"] += len(window)
-            if state["bad_items"] > cfg.max_bad_fraction * max(state["seen_items"], window_size):
-                raise BadInputError(
-                    f"{state['bad_items']} of {state['seen_items']} items gave non-finite losses "
-                    f"(max_bad_fraction={cfg.max_bad_fraction}); stopping"
-                )
-            grad_norm = apply_update(params, optimizer, scheduler, teacher, cfg.max_grad_norm)
-            state["step"] += 1
-            state["position"] += window_size
-        tokens_seen += int(step_stats.get("num_tokens", 0))
-        record = {
-            "step": state["step"],
-            **{k: round(v, 6) for k, v in step_stats.items()},
-            **teacher.drift(),
-            "train/grad_norm": grad_norm,
-            "train/lr": scheduler.get_last_lr()[0],
-            "train/tokens_per_s": tokens_seen / max(time.perf_counter() - started, 1e-9),
-            "train/bad_items": state["bad_items"],
-        }
+    bar = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", unit="step")
+    while not run.done:
+        with stage.timer("step"):
+            record = run.step(run.next_window())
         history.append(record)
         if log_metrics:
-            log_metrics({k: v for k, v in record.items() if k != "step"}, state["step"])
+            log_metrics({k: v for k, v in record.items() if k != "step"}, record["step"])
         bar.update(1)
         bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
-        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total_steps:
+        if record["step"] % cfg.checkpoint_every == 0 or run.done:
             write_jsonl(metrics_path, history)
-            save_checkpoint(
-                ckpt_dir,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                teacher=teacher,
-                state=state,
-                keep=cfg.keep_checkpoints,
-            )
-        if stop_after_steps is not None and stop_after_steps <= state["step"] < total_steps:
+            run.checkpoint(ckpt_dir)
+        if stop_after_steps is not None and stop_after_steps <= record["step"] and not run.done:
             bar.close()
-            return {"stopped_at": state["step"]}
+            return {"stopped_at": record["step"]}
     bar.close()
-    with timer("save"):
+    with stage.timer("save"):
         write_jsonl(metrics_path, history)
         export = save_trained_model(model, tokenizer, out_dir, cfg)
         if objective.teacher == "ema" and hasattr(teacher, "pairs"):  # LoRA EMA: the next round continues it
@@ -796,8 +857,8 @@ def run_train(
     counts = {
         "items": len(items),
         "skipped": skipped,
-        "steps": state["step"],
-        "bad_items": state["bad_items"],
+        "steps": run.state["step"],
+        "bad_items": run.state["bad_items"],
         "tokens": int(sum(h.get("num_tokens", 0) for h in history)),
         "final": history[-1] if history else {},
     }

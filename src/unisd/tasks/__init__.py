@@ -29,10 +29,18 @@ from types import ModuleType
 from unisd.data.records import Record
 
 KINDS: dict[str, ModuleType] = {}
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        _module = importlib.import_module(f"{__name__}.{_info.name}")
-        KINDS[_module.KIND] = _module
+
+
+def discover() -> dict[str, ModuleType]:
+    """Import every task kind module on this package's path (run at import; again after extending it)."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            KINDS[module.KIND] = module
+    return KINDS
+
+
+discover()
 
 
 def kind(name: str) -> ModuleType:
