@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per measurement (after one warm-up)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--checkpointing", action="store_true", help="train.gradient_checkpointing=true")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
@@ -144,7 +145,7 @@ def main() -> None:
         f"{args.model} on {args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{args.threads} torch thread(s)); micro-batch {args.micro_batch} × accumulation {args.grad_accum}; "
         f"prompt {args.prompt_tokens} / teacher {args.teacher_tokens} / completion {args.completion_tokens} "
-        f"tokens; LoRA r={args.lora_r}; {args.repeats} repeats × {args.steps} steps, variants alternated; "
+        f"tokens; LoRA r={args.lora_r}; gradient checkpointing {'on' if args.checkpointing else 'off'}; {args.repeats} repeats × {args.steps} steps, variants alternated; "
         f"{time.strftime('%Y-%m-%d')}"
     )
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}

@@ -334,3 +334,21 @@ def test_sft_trains_on_the_gold_completions_without_rollouts(tmp_path):
     assert losses[-1] < losses[0]  # the gold tokens became likelier
     final = manifest["counts"]["final"]
     assert final["loss"] == final["sft_loss"] and "kd_loss" not in final
+
+
+def test_gradient_checkpointing_computes_the_same_step(tmp_path, artifacts):
+    """Checkpointing only trades memory for recompute: the same losses and the same trained adapter."""
+    objective = preset("sd")
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    plain = _run(tmp_path / "plain", artifacts, objective, cfg={"lora": lora, "max_steps": 2})
+    ckpt = _run(
+        tmp_path / "ckpt",
+        artifacts,
+        objective,
+        cfg={"lora": lora, "max_steps": 2, "gradient_checkpointing": True},
+    )
+    assert ckpt["counts"]["final"]["loss"] == pytest.approx(plain["counts"]["final"]["loss"], rel=1e-5)
+    a, b = _final_weights(tmp_path / "plain"), _final_weights(tmp_path / "ckpt")
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -76,6 +76,7 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = 2
     seed: int = 0
     dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ≈ +30% compute)
     max_bad_fraction: float = 0.1  # hard stop when more items than this are skipped as bad
     # Rollouts cut at max_new_tokens (no EOS) are dropped, not trained on (DAPO's overlong filtering): a
     # small model's cut rollouts are mostly loops, and distilling them teaches the loop.
@@ -231,6 +232,12 @@ def build_student(model_spec: str, cfg: TrainConfig, device: str):
                     task_type="CAUSAL_LM",
                 ),
             )
+    if cfg.gradient_checkpointing:
+        # Recompute each decoder layer's activations in backward instead of keeping them: the activations of
+        # a micro-batch are most of a train step's memory (≈ 30 layers × B × L × (4H + 3I) floats for SmolLM2).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.enabled:
+            model.enable_input_require_grads()  # the frozen embeddings must hand a graph to the first layer
     model.train()
     return model
 
