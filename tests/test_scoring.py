@@ -64,3 +64,26 @@ def test_select_for_budget():
     assert select_for_budget([0.3, 0.3, 0.3], 0.34) == {0, 1}  # ceil(1.02) = 2, ties by index
     with pytest.raises(ValueError):
         select_for_budget([1.0], 0.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_paired_forward_with_a_shared_prefix_equals_two_plain_forwards(arch):
+    """The c*- and c⁻-teacher passes in one call (each item's shared prefix computed once) give the hidden
+    states two separate passes give."""
+    import torch
+
+    from unisd.models import tiny_model
+    from unisd.sequences import build_teacher_forcing_batch, completion_hidden, paired_completion_hidden
+
+    model = tiny_model(arch, vocab_size=64, seed=4)
+    xs = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    pos = [x + [20, 21, 22] for x in xs]
+    neg = [x + [30, 31] for x in xs]
+    comps = [[40, 41, 42], [43], [44, 45]]
+    with torch.no_grad():
+        a, b = paired_completion_hidden(model, pos, neg, comps, pad_id=0)
+        ref_a = completion_hidden(model, build_teacher_forcing_batch(pos, comps, pad_id=0))
+        ref_b = completion_hidden(model, build_teacher_forcing_batch(neg, comps, pad_id=0))
+    mask = build_teacher_forcing_batch(pos, comps, pad_id=0).completion_mask
+    torch.testing.assert_close(a[mask], ref_a[mask], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b[mask], ref_b[mask], rtol=1e-4, atol=1e-5)

@@ -45,6 +45,7 @@ from unisd.sequences import (
     completion_hidden,
     lm_head_of,
     logit_softcap_of,
+    paired_completion_hidden,
     stack_views,
 )
 
@@ -416,18 +417,17 @@ def micro_batch_loss(
             normalizers=normalizers,
             logit_softcap=logit_softcap_of(model),
         )
-    teacher_batch = build_teacher_forcing_batch(
-        [it["teacher_prompt_ids"] for it in items], completions, pad_id=pad_id
-    ).to(device)
     softcap = logit_softcap_of(model)
     negative_logps = negative_hidden = None
     with teacher.forward_context() as teacher_model:
-        h_teacher = completion_hidden(teacher_model, teacher_batch)
-        if objective.uses_negative:
-            neg_batch = build_teacher_forcing_batch(
-                [it["negative_prompt_ids"] for it in items], completions, pad_id=pad_id
-            ).to(device)
-            negative_hidden = completion_hidden(teacher_model, neg_batch)
+        if objective.uses_negative:  # c* and c⁻ share x: one pass, the prefix computed once
+            h_teacher, negative_hidden = paired_completion_hidden(
+                teacher_model,
+                [it["teacher_prompt_ids"] for it in items],
+                [it["negative_prompt_ids"] for it in items],
+                completions,
+                pad_id=pad_id,
+            )
             head = teacher.head_weight()
             negative_logps = sampled_token_logprobs(
                 negative_hidden,
@@ -437,6 +437,12 @@ def micro_batch_loss(
                 chunk_size=objective.chunk_size,
                 logit_softcap=softcap,
             )
+        else:
+            teacher_prompts = [it["teacher_prompt_ids"] for it in items]
+            teacher_batch = build_teacher_forcing_batch(teacher_prompts, completions, pad_id=pad_id).to(
+                device
+            )
+            h_teacher = completion_hidden(teacher_model, teacher_batch)
     token_weights = None
     if weights_by_item is not None:
         token_weights = torch.zeros(mask.shape, dtype=torch.float32)
