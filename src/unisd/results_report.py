@@ -188,6 +188,34 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], benchmarks: Sequence[str])
     return "\n".join(lines) + "\n"
 
 
+ACTIVITY = (
+    ("agreement/weight_min", "agreement weight min", 4),
+    ("agreement/weight_mean", "agreement weight mean", 4),
+    ("kd/clip_frac", "clipped token share", 4),
+    ("cl/violation_frac", "contrastive hinge active", 3),
+    ("fm_loss", "L_FM", 4),
+    ("ema/teacher_moved", "EMA teacher moved ‖φ−φ₀‖", 4),
+    ("ema/teacher_student_gap", "teacher–student gap", 4),
+)
+
+
+def activity_table(variants: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """What each component did during training (the last step's stats, mean over seeds): an inert
+    component shows here as weights of 1, no clipped tokens, a teacher that never moved."""
+    rows = []
+    for name, runs in variants.items():
+        finals = [r["train"]["final"] for r in runs if r.get("train")]
+        if not finals:
+            continue
+        cells = [_fmt(_mean([f.get(key) for f in finals if key in f]), d) for key, _, d in ACTIVITY]
+        if any(c != "–" for c in cells):
+            rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = "| variant | " + " | ".join(title for _, title, _ in ACTIVITY) + " |"
+    return "\n".join([head, "|" + "---|" * (len(ACTIVITY) + 1), *sorted(rows)]) + "\n"
+
+
 def verdict(model: str, rows: Sequence[Mapping[str, Any]], variants: Mapping[str, Sequence[Mapping]]) -> str:
     """UniSD* against the base and the strongest baseline, said plainly (CIs decide, not the point estimate)."""
     by = {r["variant"]: r for r in rows}
@@ -311,6 +339,9 @@ def build_results_report(
                 f"![{model}: score vs compute](results/{_slug(model)}-compute.png)",
                 "",
             ]
+        activity = activity_table(variants)
+        if activity:
+            lines += ["What each component did in training (last step, mean over seeds):", "", activity]
         verdicts.append(verdict(model, rows, variants))
     lines += ["## Verdict", "", *verdicts, ""]
     write_text(out_md, "\n".join(lines))
