@@ -187,7 +187,9 @@ def test_split_test_program():
     # a completion that defines its own check() does not move the boundary: the last one is the test's
     planted = "def g(x):\n    return 0\ndef check(c):\n    pass\n" + humaneval[humaneval.index("METADATA") :]
     assert sandbox.split_test_program(planted).solution.endswith("def check(c):\n    pass\n")
-    assert sandbox.split_test_program("def f(:\n").tests == ""
+    assert sandbox.split_test_program("def f(:\n").tests == ""  # all solution: it fails to compile
+    with pytest.raises(ValueError, match="pass a CheckedProgram"):
+        sandbox.split_test_program("x = 1\nfor i in range(3):\n    assert i < 3\n")
     assert sandbox.split_test_program("x = 1; assert x == 1\n").tests == "assert x == 1\n"
 
 

@@ -337,7 +337,8 @@ def split_test_program(program: str) -> CheckedProgram:
     """A whole test program -> its parts: the tests are the trailing top-level statements that are
     HumanEval's `[METADATA = ...] def check(...): ... check(...)` or, else, MBPP's run of `assert`s;
     everything before them is the solution (an MBPP setup that builds objects from the solution's classes
-    stays with it). A program that does not parse is all solution (and fails)."""
+    stays with it). A program that does not parse is all solution (and fails). A program that parses
+    but ends in neither shape has no tests this can find: ValueError (pass a CheckedProgram)."""
     try:
         tree = ast.parse(program)
     except (SyntaxError, ValueError):
@@ -355,7 +356,10 @@ def split_test_program(program: str) -> CheckedProgram:
         while i > 0 and isinstance(body[i - 1], ast.Assert):
             i -= 1
     if i == len(body):
-        return CheckedProgram(solution=program, tests="")
+        raise ValueError(
+            "run_checked: this program ends in neither asserts nor HumanEval's check(...), so its tests "
+            "cannot be told apart from the solution; pass a CheckedProgram(solution, tests)"
+        )
     first = body[i]
     lines = program.splitlines(keepends=True)
     line = lines[first.lineno - 1]
