@@ -278,7 +278,9 @@ def test_run_many_keeps_order_and_mixes_statuses():
     assert [r.status for r in results] == ["failed", "passed", "passed"] * 3
     assert [r.stdout.strip() for r in results if r.passed] == [str(i) for i in range(9) if i % 3]
     assert [r.returncode for r in results if not r.passed] == [1, 4, 7]
-    checked = run_many(["assert True", "import os\nos._exit(0)"], checked=True, timeout_s=10, memory_mb=512)
+    checked = run_many(
+        ["assert True", "import os\nos._exit(0)\nassert True"], checked=True, timeout_s=10, memory_mb=512
+    )
     assert [r.status for r in checked] == ["passed", "failed"]
     with pytest.raises(TypeError, match="timeout_s and memory_mb"):
         run_many(["pass"])
@@ -535,3 +537,25 @@ def test_rlimit_backend_really_isolates_nothing():
     assert run(code, "rlimit").stdout == "True\n"
     if HAS_BWRAP:
         assert run(code, "bwrap").stdout == "False\n"
+
+
+@pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap not installed")
+def test_bwrap_nested_layout_for_containers(monkeypatch):
+    """Inside a container whose /proc has masked paths the kernel refuses a new /proc mount (podman,
+    Kubernetes): the probe then falls back to the nested layout -- no /proc, no hostname -- which keeps
+    the namespaces and the whitelisted root."""
+    monkeypatch.setattr(sandbox, "_BWRAP_NESTED", [True])
+    code = (
+        "import json, os, socket\n"
+        "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\n    net = 'connected'\n"
+        "except OSError as e:\n    net = str(e)\n"
+        "print(json.dumps({'proc': os.listdir('/proc'), 'root': sorted(os.listdir('/')), 'net': net}))\n"
+    )
+    result = run(code, "bwrap")
+    seen = json.loads(result.stdout)
+    assert result.status == "passed" and seen["proc"] == [] and "unreachable" in seen["net"]
+    assert not {"home", "var", "opt", "srv", "mnt"} & set(seen["root"])
+    assert "--proc" not in sandbox.describe_command(backend="bwrap")
+    assert run_checked(
+        "def f():\n    return 2\nassert f() == 2\n", backend="bwrap", timeout_s=10, memory_mb=256
+    ).passed

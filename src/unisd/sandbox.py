@@ -547,6 +547,21 @@ def _backend_problem_cached(name: str) -> str | None:
         return f"missing tools: {', '.join(missing)}"
     if name == "rlimit":
         return None  # nothing to probe; as root each run checks that its interpreter can run unprivileged
+    problem = _probe(name)
+    if problem is not None and name == "bwrap":
+        _BWRAP_NESTED[0] = True  # a container that forbids a new /proc: the nested layout
+        nested_problem = _probe(name)
+        if nested_problem is None:
+            return None
+        _BWRAP_NESTED[0] = False
+        problem += f"; without /proc and hostname (nested in a container): {nested_problem}"
+    return problem
+
+
+_BWRAP_NESTED = [False]  # set by the bwrap probe when only the nested layout works here
+
+
+def _probe(name: str) -> str | None:
     probe = _run(
         "print('ok')",
         limits=SandboxLimits(timeout_s=20, memory_mb=512),
@@ -903,7 +918,12 @@ def _bwrap_command(
     uid: int | None,
     run_id: str,
     status_fd: int,
+    nested: bool | None = None,
 ) -> tuple[list[str], str, dict[str, str]]:
+    # nested: inside a container whose /proc has masked paths (podman, Kubernetes) the kernel refuses a
+    # new proc mount, sethostname and writes to /proc/sys: no /proc (an empty dir), no hostname and no
+    # --disable-userns there; the mount, pid, net, ipc and uts namespaces and the whitelisted root stay.
+    nested = _BWRAP_NESTED[0] if nested is None else nested
     env = _sandbox_env(WORKDIR, "/tmp", run_id)
     argv = [shutil.which("bwrap") or "bwrap"]
     if uid is not None:
@@ -913,15 +933,10 @@ def _bwrap_command(
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         argv += ["--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
-        argv += ["--unshare-cgroup-try", "--disable-userns"]
-    argv += [
-        "--die-with-parent",
-        "--new-session",
-        "--hostname",
-        "sandbox",
-        "--json-status-fd",
-        str(status_fd),
-    ]
+        argv += ["--unshare-cgroup-try"] + ([] if nested else ["--disable-userns"])
+    argv += ["--die-with-parent", "--new-session", "--json-status-fd", str(status_fd)]
+    if not nested:
+        argv += ["--hostname", "sandbox"]
     binds, links = _visible_roots(python)
     made: set[str] = {"/"}
 
@@ -955,7 +970,7 @@ def _bwrap_command(
         if _covered(path, binds):
             argv += ["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
     argv += ["--dev", "/dev", "--perms", "1777", "--size", str(16 * _MIB), "--tmpfs", "/dev/shm"]
-    argv += ["--proc", "/proc"]
+    argv += ["--dir", "/proc"] if nested else ["--proc", "/proc"]
     argv += ["--perms", "1777", "--dir", WORKDIR]
     for dirpath, dirnames, filenames in os.walk(work):
         rel = os.path.relpath(dirpath, work)
@@ -1369,7 +1384,7 @@ def _checked_main() -> None:  # noqa: C901, PLR0915 -- runs inside the sandbox a
     baseline = set(sys.modules)  # the interpreter's start-up modules: shared with the solution
     import os
 
-    write, exit_now, listdir, readv, read = os.write, os._exit, os.listdir, os.readv, os.read
+    write, exit_now, readv, read = os.write, os._exit, os.readv, os.read
     _len, _list, _map, _id, _type, _sorted, _str, _tuple = len, list, map, id, type, sorted, str, tuple
     _int, _float, _bool, _bytes, _complex, _dict, _set, _frozenset = (
         int,
@@ -1650,9 +1665,10 @@ def _checked_main() -> None:  # noqa: C901, PLR0915 -- runs inside the sandbox a
     gc.disable()
     gc_enabled, gc_disable, gc_callbacks = gc.isenabled, gc.disable, gc.callbacks
     tdelattr, tsetattr = type.__delattr__, type.__setattr__
+    thread_count = _thread._count
 
     def settle():
-        if _len(listdir("/proc/self/task")) != 2:
+        if thread_count() != 1:  # the worker (threads started by native code are not counted)
             die("the solution left a thread running while the tests run")
         if gc_enabled():
             gc_disable()  # no collection on the main thread: the solution's finalizers stay off it
