@@ -71,6 +71,6 @@ images:
 	scripts/build_images.sh
 
 # Run them: a hostile program under unisd.sandbox in the sandbox image; resolve-config and prepare, as
-# compiled, in the train image. Needs $(PY) for `unisd compile` (make venv).
-images-check: $(VENV)/.core
-	PYTHON=$(abspath $(PY)) scripts/check_images.sh
+# compiled, in the train image. `unisd compile` runs with $(PY) (make venv first), or with $$PYTHON.
+images-check:
+	PYTHON=$${PYTHON:-$(abspath $(PY))} scripts/check_images.sh

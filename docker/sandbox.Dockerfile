@@ -47,7 +47,8 @@ RUN pip install ${TORCH_PIP_ARGS} torch==2.13.0 \
 WORKDIR /opt/unisd
 COPY pyproject.toml README.md ./
 COPY src/ src/
-RUN pip install . kfp==2.17.0 kfp-kubernetes==2.17.0 mlflow-skinny==3.17.2 \
+# Editable (-e): the package finds configs/ relative to its source tree, /opt/unisd (see train.Dockerfile).
+RUN pip install -e . kfp==2.17.0 kfp-kubernetes==2.17.0 mlflow-skinny==3.17.2 \
     && pip check
 
 COPY components/ components/

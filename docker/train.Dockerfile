@@ -53,8 +53,10 @@ WORKDIR /opt/unisd
 COPY pyproject.toml README.md ./
 COPY src/ src/
 # kfp, kfp-kubernetes and the MLflow client are already dependencies of the package; pinning them here
-# again makes the build fail loudly if pyproject.toml and the images drift apart.
-RUN pip install ".[deepspeed]" kfp==2.17.0 kfp-kubernetes==2.17.0 mlflow-skinny==3.17.2 \
+# again makes the build fail loudly if pyproject.toml and the images drift apart. Editable (-e): the
+# package finds configs/ (objective presets, run configs) relative to its source tree, /opt/unisd here;
+# a site-packages copy looks in /opt/venv/lib/python3.X/configs and fails (found running prepare here).
+RUN pip install -e ".[deepspeed]" kfp==2.17.0 kfp-kubernetes==2.17.0 mlflow-skinny==3.17.2 \
     && pip check
 
 COPY components/ components/

@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/podman-env.sh
 PY=${PYTHON:-python3}
+$PY -c "import unisd" 2>/dev/null || { echo "$PY cannot import unisd (make venv, or set PYTHON=)" >&2; exit 1; }
 for image in "$SANDBOX_IMAGE" "$TRAIN_IMAGE"; do
   podman image exists "$image" || { echo "$image is missing: run make images first" >&2; exit 1; }
 done
