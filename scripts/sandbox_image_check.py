@@ -53,6 +53,7 @@ print(
             "check": "backend",
             "detected": backend,
             "refusal": refusal,
+            "bwrap_nested_layout": sandbox._BWRAP_NESTED[0],
             "env": os.environ.get(sandbox.BACKEND_ENV),
         }
     )
