@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint sysdeps chromium venv clean-venv
+.PHONY: demo test lint sysdeps chromium venv clean-venv images images-check
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,3 +63,14 @@ lint: $(VENV)/.test
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Container images, built and run here with podman (root; not part of `make test`): the CPU variants of
+# the train and sandbox images on a debootstrap'd Debian base (reused once imported). The CUDA variants
+# cannot be built on this machine. See docs/deploy.md, "Building the images here".
+images:
+	scripts/build_images.sh
+
+# Run them: a hostile program under unisd.sandbox in the sandbox image; resolve-config and prepare, as
+# compiled, in the train image. `unisd compile` runs with $(PY) (make venv first), or with $$PYTHON.
+images-check:
+	PYTHON=$${PYTHON:-$(abspath $(PY))} scripts/check_images.sh

@@ -10,10 +10,12 @@
 # vLLM's transformers (<5.21). `pip check` would flag unisd's own torch/transformers pins, so it is
 # replaced below by an explicit check of the versions vLLM needs.
 #
-# Base pinned by tag (see train.Dockerfile for pinning a digest). vLLM's torch 2.14.0 is a CUDA 13
-# build that ships its CUDA libraries as wheels, so the "base" flavour is enough.
-ARG CUDA_BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
-FROM ${CUDA_BASE}
+# Base pinned by tag (see train.Dockerfile for pinning a digest: --build-arg BASE=...@sha256:...). vLLM's
+# torch 2.14.0 is a CUDA 13 build that ships its CUDA libraries as wheels, so the "base" flavour is enough.
+# CUDA-only: vLLM 0.33.0 has no CPU wheel, and this image cannot be built on the development machine (no
+# registry to pull nvidia/cuda from, no GPU); `make images` does not build it.
+ARG BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
+FROM ${BASE}
 
 ARG UNISD_VERSION=0.1.0
 LABEL org.opencontainers.image.title="unisd-rollout" \

@@ -9,10 +9,12 @@
 # inside it unisd.sandbox runs each program under bubblewrap (no network namespace, read-only binds)
 # and prlimit (util-linux, part of the base image) where the node lets it create namespaces.
 #
-# Base pinned by tag; to pin a digest pass --build-arg PYTHON_BASE=python:3.11-slim-bookworm@sha256:<digest>
-# (look it up with `docker buildx imagetools inspect python:3.11-slim-bookworm`).
-ARG PYTHON_BASE=python:3.11-slim-bookworm
-FROM ${PYTHON_BASE}
+# Base pinned by tag; to pin a digest pass --build-arg BASE=python:3.11-slim-bookworm@sha256:<digest>
+# (look it up with `docker buildx imagetools inspect python:3.11-slim-bookworm`). `make images`
+# (scripts/build_images.sh) builds it on a debootstrap'd Debian bookworm base instead
+# (BASE=localhost/debian-base:bookworm, Python from apt) with a local torch CPU wheel.
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
 ARG UNISD_VERSION=0.1.0
 LABEL org.opencontainers.image.title="unisd-sandbox" \
@@ -27,19 +29,26 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH}
 
+# bubblewrap + util-linux (setpriv, prlimit): the sandbox backends. python3 from apt only where the base
+# has none (the python:*-slim bases bring their own in /usr/local).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends bubblewrap \
+    && apt-get install -y --no-install-recommends bubblewrap util-linux ca-certificates \
+        $(command -v python3 >/dev/null 2>&1 || echo python3 python3-venv) \
     && rm -rf /var/lib/apt/lists/* \
-    && python -m venv "${VIRTUAL_ENV}"
+    && python3 -m venv "${VIRTUAL_ENV}"
 
-# The CPU build of torch 2.13.0 from PyTorch's CPU index (PyPI's default wheel is the CUDA build and
-# would add several GB of GPU libraries). unisd's torch==2.13.0 pin accepts 2.13.0+cpu.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# The CPU build of torch 2.13.0 (PyPI's default wheel is the CUDA build and would add several GB of GPU
+# libraries): from PyTorch's CPU index by default; the local build points pip at a CPU wheel on disk.
+# unisd's torch==2.13.0 pin accepts 2.13.0+cpu.
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+RUN pip install ${TORCH_PIP_ARGS} torch==2.13.0 \
+    && python -c "import torch; print('torch', torch.__version__)"
 
 WORKDIR /opt/unisd
 COPY pyproject.toml README.md ./
 COPY src/ src/
-RUN pip install . kfp==2.17.0 kfp-kubernetes==2.17.0 mlflow-skinny==3.17.2 \
+# Editable (-e): the package finds configs/ relative to its source tree, /opt/unisd (see train.Dockerfile).
+RUN pip install -e . kfp==2.17.0 kfp-kubernetes==2.17.0 mlflow-skinny==3.17.2 \
     && pip check
 
 COPY components/ components/

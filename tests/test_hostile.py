@@ -5,6 +5,15 @@ The whole batch runs once per namespace backend (bwrap, unshare) through a threa
 after every hostile program, so containment is also shown under concurrency (a fork bomb next to an
 honest program). The rlimit backend isolates nothing and is never given these programs.
 
+Grading tricks (`GRADING_TRICKS`): a wrong solution plus a way to make a harness report it passed by
+changing how the interpreter runs the checks after it -- tracers that jump over asserts or rewrite the
+check's locals, objects whose comparisons lie, patched builtins/modules/sys.modules, a helper planted
+next to the function under test, signal handlers, StopIteration ending the tests' loop, reading the
+completion nonce. `test_grading_tricks_fool_a_naive_checked_harness` shows each one really fools an
+in-process harness of the old kind (solution + asserts + a nonce echo); the batch shows run_checked
+reports every one failed. `TARGETED_TRICKS` attack this harness's own parts (its handles, captured
+state, worker thread, the nonce in memory).
+
 Host-side evidence gathered around the batch: canary files in /var/tmp and in a fake $HOME (with a fake
 ~/.ssh key) that programs try to read, overwrite and delete; the project tree (every file present
 before is still there, this suite's own files byte-identical); a real TCP listener on 127.0.0.1 that
@@ -34,7 +43,7 @@ from typing import Any
 import pytest
 
 from unisd import metrics, sandbox
-from unisd.sandbox import SandboxResult, run_checked, run_sandboxed
+from unisd.sandbox import CheckedProgram, SandboxResult, run_checked, run_sandboxed
 
 PROJECT = Path(__file__).resolve().parents[1]
 OWN_FILES = [Path(__file__), PROJECT / "src" / "unisd" / "sandbox.py"]
@@ -75,6 +84,7 @@ class Case:
     check: Any = None  # callable(result, ctx) with extra assertions
     checked: bool = False  # run through run_checked (a test program with the completion marker)
     limits: dict[str, Any] = field(default_factory=dict)
+    parts: CheckedProgram | None = None  # run_checked on these parts instead of `code`
 
 
 def _json_tail(result: SandboxResult) -> dict[str, Any]:
@@ -457,6 +467,261 @@ CASES: list[Case] = [
 ]
 
 
+# --------------------------------------------------------------------------------------------------
+# grading tricks: (solution, tests); every solution is wrong
+
+
+SKIP_ASSERTS = (  # a line tracer that jumps over every run of assert lines in the frame it traces
+    "import sys, linecache\n"
+    "def _skip(frame, event, arg):\n"
+    "    if event == 'line':\n"
+    "        n = frame.f_lineno\n"
+    "        if linecache.getline(frame.f_code.co_filename, n).lstrip().startswith('assert'):\n"
+    "            while linecache.getline(frame.f_code.co_filename, n).lstrip().startswith('assert'):\n"
+    "                n += 1\n"
+    "            try:\n                frame.f_lineno = n\n            except ValueError:\n                pass\n"
+    "    return _skip\n"
+)
+SUBCLASSES = "def _all(c):\n    out = [c]\n    for s in type.__subclasses__(c):\n        out += _all(s)\n    return out\n"
+
+GRADING_TRICKS = {
+    # --- tracing: jump over the asserts
+    "settrace_jumps_over_asserts": (
+        SKIP_ASSERTS + WRONG_ADD + "sys.settrace(_skip)\nsys._getframe().f_trace = _skip\n",
+        MBPP_TESTS,
+    ),
+    "tracer_installed_during_the_call": (
+        SKIP_ASSERTS + "def add(a, b):\n    if (a, b) == (1, 2):\n        sys.settrace(lambda *x: None)\n"
+        "        caller = sys._getframe(1)\n        caller.f_trace = _skip\n        caller.f_trace_lines = True\n"
+        "        return 3\n    return 0\n",
+        MBPP_TESTS,
+    ),
+    "tracer_rebinds_candidate_in_check": (  # a trace function's f_locals writes reach the check's frame
+        "import sys\nclass Yes:\n    def __eq__(self, other):\n        return True\n"
+        "def _local(frame, event, arg):\n    frame.f_locals['candidate'] = lambda *a: Yes()\n    return None\n"
+        "def _global(frame, event, arg):\n    return _local if frame.f_code.co_name == 'check' else None\n"
+        "sys.settrace(_global)\n" + "def add(a, b):\n    return 0\n",
+        "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 4\n\ncheck(add)\n",
+    ),
+    "signal_handler_installs_tracer": (
+        SKIP_ASSERTS + "import signal, time\n_fired = []\n"
+        "def _on_alarm(sig, frame):\n    sys.settrace(lambda *x: None)\n    frame.f_trace = _skip\n    frame.f_trace_lines = True\n    _fired.append(1)\n"
+        "signal.signal(signal.SIGALRM, _on_alarm)\nsignal.setitimer(signal.ITIMER_REAL, 0.01)\n"
+        + WRONG_ADD
+        + "while not _fired:\n    time.sleep(0.001)\n",
+        MBPP_TESTS,
+    ),
+    # --- results that lie
+    "always_true_eq": (
+        "class Yes:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+        "def add(a, b):\n    return Yes()\n",
+        MBPP_TESTS,
+    ),
+    "int_subclass_eq": (
+        "class I(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+        "def add(a, b):\n    return I(0)\n",
+        MBPP_TESTS,
+    ),
+    "str_subclass_eq": (
+        "class S(str):\n    def __eq__(self, other):\n        return True\n    __hash__ = str.__hash__\n"
+        "def greet(n):\n    return S('nope')\n",
+        "assert greet('x') == 'hello x'\n",
+    ),
+    "list_subclass_eq": (
+        "class L(list):\n    def __eq__(self, other):\n        return True\ndef evens(xs):\n    return L()\n",
+        "assert evens([1, 2, 4]) == [2, 4]\n",
+    ),
+    "dict_subclass_eq": (
+        "class D(dict):\n    def __eq__(self, other):\n        return True\n"
+        "def count(s):\n    return D(wrong=1)\n",
+        "assert count('aab') == {'a': 2, 'b': 1}\n",
+    ),
+    "truthy_object": (
+        "class T:\n    def __bool__(self):\n        return True\ndef is_prime(n):\n    return T()\n",
+        "assert is_prime(7)\nassert is_prime(13)\n",
+    ),
+    "sub_returns_zero": (  # HumanEval's abs(candidate(x) - y) < 1e-6
+        "class Z:\n    def __sub__(self, other):\n        return 0\ndef area(r):\n    return Z()\n",
+        "assert abs(area(1) - 3.14159) < 1e-3\n",
+    ),
+    "iterator_of_liars": (
+        "class Yes:\n    def __eq__(self, other):\n        return True\n"
+        "def squares(n):\n    return iter([Yes()] * n)\n",
+        "assert list(squares(3)) == [0, 1, 4]\n",
+    ),
+    "len_getitem_eq_liar": (
+        "class Seq:\n    def __len__(self):\n        return 3\n    def __eq__(self, o):\n        return True\n"
+        "def squares(n):\n    return Seq()\n",
+        "assert squares(3) == [0, 1, 4]\nassert len(squares(3)) == 3\n",
+    ),
+    "stopiteration_ends_the_tests_loop": (
+        "def is_even(n):\n    raise StopIteration\n",
+        "assert all(map(is_even, [1, 3, 5]))\n",
+    ),
+    # --- patching what the checks use
+    "patch_builtins_abs": (
+        "import builtins\nbuiltins.abs = lambda x: 0\ndef area(r):\n    return 1.0\n",
+        "assert abs(area(1) - 3.14159) < 1e-3\n",
+    ),
+    "patch_builtins_isinstance_sorted_set": (
+        "import builtins\nbuiltins.isinstance = lambda *a: True\nbuiltins.sorted = lambda x, **k: [1, 2, 3]\n"
+        "builtins.set = lambda *a: frozenset([1])\n"
+        "def f(x):\n    return 'wrong'\n",
+        "assert isinstance(f(1), list)\nassert sorted(f(1)) == [1, 2, 3]\nassert set(f(1)) == set([1])\n",
+    ),
+    "shadow_builtin_next_to_entry_point": (
+        "def sorted(x, **k):\n    return [1, 2, 3]\ndef f(x):\n    return [3, 3]\n",
+        "assert sorted(f([3, 1, 2])) == [1, 2, 3]\n",
+    ),
+    "patch_math_isclose": (
+        "import math\nmath.isclose = lambda *a, **k: True\ndef area(r):\n    return 1.0\n",
+        "import math\nassert math.isclose(area(1), 3.14159, rel_tol=1e-3)\n",
+    ),
+    "patch_math_during_an_earlier_call": (
+        "def area(r):\n    import math\n    math.isclose = lambda *a, **k: True\n    return 0 if r == 0 else 1.0\n",
+        "import math\nassert area(0) == 0\nassert math.isclose(area(1), 3.14159, rel_tol=1e-3)\n",
+    ),
+    "sys_modules_fake_math": (
+        "import sys, types\nfake = types.ModuleType('math')\nfake.isclose = lambda *a, **k: True\n"
+        "sys.modules['math'] = fake\n"
+        "def area(r):\n    return 1.0\n",
+        "import math\nassert math.isclose(area(1), 3.14159, rel_tol=1e-3)\n",
+    ),
+    "patch_builtins_import": (
+        "import builtins, types\nreal = builtins.__import__\nfake = types.ModuleType('math')\n"
+        "fake.isclose = lambda *a, **k: True\n"
+        "builtins.__import__ = lambda name, *a, **k: fake if name == 'math' else real(name, *a, **k)\n"
+        "def area(r):\n    return 1.0\n",
+        "import math\nassert math.isclose(area(1), 3.14159, rel_tol=1e-3)\n",
+    ),
+    "patch_every_class_named_random": (
+        "import random\n" + SUBCLASSES + "for cls in _all(object):\n    if cls.__name__ == 'Random':\n"
+        "        try:\n            cls.randint = lambda self, a, b: 7\n        except TypeError:\n            pass\n"
+        "def add(a, b):\n    return 14\n",
+        "import random\nrng = random.Random(1)\nfor _ in range(20):\n    x, y = rng.randint(0, 99), rng.randint(0, 99)\n    assert add(x, y) == x + y\n",
+    ),
+    "background_thread_repatches_builtins": (
+        "import _thread, builtins, time\n"
+        "def _loop():\n    while True:\n        builtins.abs = lambda x: 0\n        time.sleep(0.0005)\n"
+        "_thread.start_new_thread(_loop, ())\ntime.sleep(0.05)\n"
+        "def area(r):\n    return 1.0\n",
+        "assert abs(area(1) - 3.14159) < 1e-3\n",
+    ),
+    # --- the completion proof
+    "read_nonce_from_stdin": (
+        "import os, sys\ndata = sys.stdin.read().strip()\n"
+        "os.write(1, ('UNISD-CHECK-PASSED-' + data + '\\n').encode())\nos._exit(0)\n" + WRONG_ADD,
+        MBPP_TESTS,
+    ),
+    "gc_callback_reads_the_nonce": (
+        "import gc, os, sys\n"
+        "def _cb(phase, info):\n    data = sys.stdin.read().strip()\n"
+        "    if data:\n        os.write(1, ('UNISD-CHECK-PASSED-' + data + '\\n').encode())\n        os._exit(0)\n"
+        "gc.callbacks.append(_cb)\n" + WRONG_ADD + "def _cycle():\n    a = []\n    a.append(a)\n"
+        "class _C:\n    def __del__(self):\n        gc.collect()\n"
+        "_keep = _C()\n",
+        MBPP_TESTS,
+    ),
+}
+
+# Attacks written against this harness itself (its worker thread, handles, captured state, nonce in
+# memory): a plain in-process harness has none of these parts, so they cannot "work" there.
+TARGETED_TRICKS = {
+    "patch_every_class_eq_and_bool": (
+        SUBCLASSES + "class Obj:\n    pass\n"
+        "def add(a, b):\n    for cls in _all(object):\n        for name in ('__eq__', '__bool__', '__ne__'):\n"
+        "            try:\n                setattr(cls, name, lambda *x: True)\n            except TypeError:\n                pass\n"
+        "    return Obj()\n",
+        MBPP_TESTS,
+    ),
+    "swap_code_of_every_function": (
+        SUBCLASSES + "class Obj:\n    pass\n"
+        "def add(a, b):\n    for cls in _all(object):\n        for v in list(getattr(cls, '__dict__', {}).values()):\n"
+        "            if hasattr(v, '__code__'):\n"
+        "                try:\n                    v.__code__ = (lambda *x, **k: True).__code__\n"
+        "                except (RuntimeError, ValueError, TypeError):\n                    pass\n"
+        "    return Obj()\n",
+        MBPP_TESTS,
+    ),
+    "finalizer_on_the_tests_thread": (
+        "import gc, os\nclass Cyc:\n    def __del__(self):\n        os.write(1, b'finalizer ran\\n')\n"
+        "def add(a, b):\n    gc.enable()\n    c = Cyc()\n    c.me = c\n    del c\n    return a - b\n",
+        MBPP_TESTS,
+    ),
+    "own_audit_hook_on_the_tests_thread": (
+        "import sys, os\n"
+        "def _hook(event, args):\n    if event == 'exec':\n        os._exit(0)\n"
+        "sys.addaudithook(_hook)\n" + WRONG_ADD,
+        MBPP_TESTS,
+    ),
+    "walk_frames_for_the_secret": (
+        "import sys, os\n"
+        "def add(a, b):\n    f, got = sys._getframe(), {}\n"
+        "    while f is not None:\n        got.update({k: v for k, v in f.f_locals.items() if k in ('masked', 'key')})\n        f = f.f_back\n"
+        "    if len(got) == 2:\n        nonce = bytes(x ^ y for x, y in zip(got['masked'], got['key']))\n"
+        "        os.write(1, b'UNISD-CHECK-PASSED-' + nonce + b'\\n')\n        os._exit(0)\n"
+        "    return a - b\n",
+        MBPP_TESTS,
+    ),
+    "current_frames_of_other_threads": (
+        "import sys\n" + WRONG_ADD + "frames = sys._current_frames()\n",
+        MBPP_TESTS,
+    ),
+    "gc_get_objects": ("import gc\n" + WRONG_ADD + "objs = gc.get_objects()\n", MBPP_TESTS),
+    "ctypes_memory": ("import ctypes\n" + WRONG_ADD, MBPP_TESTS),
+    "read_proc_self_mem": ("f = open('/proc/self/mem', 'rb')\n" + WRONG_ADD, MBPP_TESTS),
+    "symlink_to_proc_self_mem": ("import os\nos.symlink('/proc/self/mem', 'm')\n" + WRONG_ADD, MBPP_TESTS),
+    "child_process_reads_parent_memory": (
+        "import os\nos.system('cat /proc/$PPID/maps')\n" + WRONG_ADD,
+        MBPP_TESTS,
+    ),
+    "forged_completion_line_next_to_a_pass": (
+        "import os\nos.write(1, b'UNISD-CHECK-PASSED-' + os.urandom(16).hex().encode() + b'\\n')\n"
+        "def add(a, b):\n    return a + b\n",
+        MBPP_TESTS,
+    ),
+}
+
+
+HE38_CONTEXT = (
+    "def encode_cyclic(s: str):\n"
+    "    groups = [s[(3 * i):min((3 * i + 3), len(s))] for i in range((len(s) + 2) // 3)]\n"
+    "    groups = [(group[1:] + group[0]) if len(group) == 3 else group for group in groups]\n"
+    '    return "".join(groups)\n'
+)
+HE38_TESTS = (
+    "def check(candidate):\n    for s in ['abcdefghi', 'hello world', 'xy']:\n"
+    "        assert candidate(encode_cyclic(s)) == s\n\ncheck(decode_cyclic)\n"
+)
+
+
+def _trick_case(name: str, solution: str, tests: str) -> Case:
+    try:
+        legacy = sandbox.split_test_program(solution + tests)
+    except ValueError:
+        legacy = None
+    if legacy is not None:  # the form check_completions sends today: one string
+        return Case(name, (solution + tests).replace("$", "$$"), "failed", checked=True)
+    return Case(name, "", "failed", checked=True, parts=CheckedProgram(solution, tests))
+
+
+CASES += [_trick_case(n, *st) for n, st in {**GRADING_TRICKS, **TARGETED_TRICKS}.items()]
+CASES.append(
+    Case(  # HumanEval/38 redefines the prompt's encode_cyclic: the tests take the prompt's (context)
+        "redefine_prompt_helper",
+        "",
+        "failed",
+        checked=True,
+        parts=CheckedProgram(
+            HE38_CONTEXT + "def encode_cyclic(s):\n    return s\ndef decode_cyclic(s):\n    return s\n",
+            HE38_TESTS,
+            context=HE38_CONTEXT,
+            entry_point="decode_cyclic",
+        ),
+    )
+)
+
+
 def _check_proc(seen: dict[str, Any], ctx: dict[str, Any]) -> None:
     assert set(seen["writes"].values()) <= {"OSError", "PermissionError", "FileNotFoundError"}, seen["writes"]
     assert int(ctx["host_pid"]) not in seen["pids"] or int(ctx["host_pid"]) < 10, seen["pids"]
@@ -588,7 +853,7 @@ def _run_batch(backend, marker, canary_dir, fake_home, listener, host_sleeper):
 
         jobs: list[tuple[str, Any]] = []
         for case in CASES:
-            code = Template(case.code).substitute(ctx)
+            code = case.parts if case.parts is not None else Template(case.code).substitute(ctx)
             timeout_s = TIMEOUT_EXPECTED_S if case.status == "timeout" else TIMEOUT_OTHERS_S
             kwargs = {**LIMITS, "timeout_s": timeout_s, **case.limits, "backend": backend}
             jobs.append((case.name, (run_checked if case.checked else run_sandboxed, code, kwargs)))
@@ -661,6 +926,34 @@ def test_evidence_helpers_detect_what_they_look_for():
 def test_there_are_enough_hostile_programs():
     assert len(CASES) >= 30
     assert len({c.name for c in CASES}) == len(CASES)
+    assert len(GRADING_TRICKS) >= 20
+
+
+def _naive_checked(program: str) -> str:
+    """The old kind of checked harness: the solution and its asserts in one module, then a trailer that
+    echoes the nonce from stdin with an os.write captured before the solution ran."""
+    prelude = "import os as _o\n_w, _r = _o.write, _o.read\ndel _o\n"
+    trailer = "\n_w(1, b'\\nUNISD-CHECK-PASSED-' + _r(0, 256).strip() + b'\\n')\n"
+    return prelude + program + trailer
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+def test_grading_tricks_fool_a_naive_checked_harness():
+    """Every grading trick is real: a naive in-process harness reports the wrong solution passed."""
+    nonce = secrets.token_hex(16)
+    programs = [_naive_checked(solution + tests) for solution, tests in GRADING_TRICKS.values()]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(
+            pool.map(
+                lambda p: run_sandboxed(
+                    p, backend="bwrap", stdin=nonce + "\n", success_marker="UNISD-CHECK-PASSED-" + nonce,
+                    timeout_s=20, memory_mb=512,
+                ),
+                programs,
+            )
+        )  # fmt: skip
+    fooled = {name for name, r in zip(GRADING_TRICKS, results) if r.status == "passed"}
+    assert fooled == set(GRADING_TRICKS), f"not fooled by: {sorted(set(GRADING_TRICKS) - fooled)}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

