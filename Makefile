@@ -33,8 +33,8 @@ $(VENV)/.test: $(VENV)/.core
 
 venv: $(VENV)/.core
 
-# bubblewrap is the strongest sandbox backend; install it when we can (root + apt), else the sandbox falls
-# back to unshare/rlimits and says so in every eval result.
+# bubblewrap is the preferred sandbox backend, util-linux unshare the fallback; with neither the sandbox
+# refuses to run model-written code unless UNISD_SANDBOX_BACKEND=rlimit says the pod itself is the boundary.
 # chromium renders the run report in a test (headless screenshot); tests skip that one without it.
 chromium:
 	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

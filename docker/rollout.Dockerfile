@@ -69,6 +69,7 @@ RUN groupadd --gid 10001 unisd \
     && mkdir -p /cache \
     && chown 10001:10001 /cache
 ENV HOME=/tmp \
+    UNISD_PROJECT_ROOT=/opt/unisd \
     PYTHONPATH=/opt/unisd \
     HF_HOME=/cache/hf \
     TRITON_CACHE_DIR=/cache/triton \

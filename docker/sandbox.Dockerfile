@@ -60,6 +60,7 @@ RUN groupadd --gid 10001 unisd \
     && mkdir -p /cache \
     && chown 10001:10001 /cache
 ENV HOME=/tmp \
+    UNISD_PROJECT_ROOT=/opt/unisd \
     PYTHONPATH=/opt/unisd \
     HF_HOME=/cache/hf \
     HF_HUB_OFFLINE=1 \

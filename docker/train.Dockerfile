@@ -70,6 +70,7 @@ RUN groupadd --gid 10001 unisd \
     && mkdir -p /cache \
     && chown 10001:10001 /cache
 ENV HOME=/tmp \
+    UNISD_PROJECT_ROOT=/opt/unisd \
     PYTHONPATH=/opt/unisd \
     HF_HOME=/cache/hf \
     TORCH_EXTENSIONS_DIR=/cache/torch_extensions \

@@ -17,6 +17,7 @@ import numpy as np
 from unisd.data.benchmarks import humaneval_record_from_problem  # noqa: F401  (kept importable here)
 from unisd.tasks.code import (  # noqa: F401  (moved; kept importable from unisd.metrics)
     check_completions,
+    code_checked_program,
     code_program,
     humaneval_program,
     mbpp_program,

@@ -1711,7 +1711,10 @@ def _checked_main() -> None:  # noqa: C901, PLR0915 -- runs inside the sandbox a
     # compared with operator.is_ in C (builtins.id would call the audit hook once per object)
     chain_from = chain.from_iterable
     dict_values, proxy_values = _dict.values, _type(tdict(object)).values
-    all_maps, all_proxies = [m[0] for m in maps], [c[1] for c in classes]
+    # a captured namespace may be a mappingproxy (a class's __dict__ reached through a module): its values
+    # come through the proxy's own method, dict.values refuses it
+    all_maps = [m[0] for m in maps if _type(m[0]) is _dict]
+    all_proxies = [m[0] for m in maps if _type(m[0]) is not _dict] + [c[1] for c in classes]
     all_seqs, all_sets = [q[0] for q in seqs], [z[0] for z in sets]
 
     def fingerprint():

@@ -21,6 +21,7 @@ that the sum of the per-micro-batch losses is the window's loss — divide nothi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,10 @@ def load_objective(path: str | Path) -> ObjectiveConfig:
 
 # The modes of ALGORITHM.md's table, one YAML file each (configs/presets/<name>.yaml, `objective:` holds only
 # what differs from the ObjectiveConfig defaults): the one list of presets.
-PRESET_DIR = Path(__file__).resolve().parents[3] / "configs" / "presets"
+# UNISD_PROJECT_ROOT: where an image (or a wheel install) keeps the project's configs/.
+PRESET_DIR = (
+    Path(os.environ.get("UNISD_PROJECT_ROOT") or Path(__file__).resolve().parents[3]) / "configs" / "presets"
+)
 
 
 def _load_presets() -> dict[str, ObjectiveConfig]:

@@ -238,6 +238,29 @@ def code_program(record: Record, completion: str) -> str:
     raise ValueError(f"{record.id}: benchmark {record.benchmark!r} has no test programs")
 
 
+def code_checked_program(record: Record, completion: str):
+    """The test program for a code record as `unisd.sandbox.run_checked` parts: the solution (the completion,
+    with the HumanEval prompt it continues), the tests (MBPP: setup + asserts; HumanEval: the check function +
+    `check(entry_point)`), the trusted context (HumanEval: the prompt's imports and helpers, so a completion
+    cannot redefine `poly` / `encode_cyclic` for the checks) and the entry point (the only solution name that
+    may shadow a builtin)."""
+    from unisd.sandbox import CheckedProgram
+
+    if record.benchmark == "mbpp":
+        if not record.tests:
+            raise ValueError(f"{record.id}: MBPP record has no tests")
+        tests = record.setup_code + "\n" + "\n".join(record.tests) + "\n"
+        return CheckedProgram(solution=completion + "\n", tests=tests, entry_point=record.entry_point)
+    if record.benchmark == "humaneval":
+        program = humaneval_program(record, completion)  # validates the record
+        prompt, entry_point = record.meta["prompt"], record.entry_point
+        tests = record.tests[0] + "\n" + f"check({entry_point})\n"
+        solution = program[: len(program) - len(tests)]
+        context = prompt_before_def(prompt, entry_point)
+        return CheckedProgram(solution=solution, tests=tests, context=context, entry_point=entry_point)
+    raise ValueError(f"{record.id}: benchmark {record.benchmark!r} has no test programs")
+
+
 def check_completions(
     records: Sequence[Record],
     completions: Sequence[str],
@@ -253,7 +276,7 @@ def check_completions(
 
     if len(records) != len(completions):
         raise ValueError(f"{len(records)} records but {len(completions)} completions")
-    programs = [code_program(r, c) for r, c in zip(records, completions)]
+    programs = [code_checked_program(r, c) for r, c in zip(records, completions)]
     return run_many(
         programs,
         checked=True,
@@ -312,15 +335,14 @@ def score(records: Sequence[Record], samples: Sequence[Sequence[str]], settings:
         for r in records
     ]
     backend = results[0].backend if results else None
+    warning = results[0].warning if results else None  # set when the run had no isolation (rlimit, by choice)
+    aggregate = {**pass_at_k(by_task, settings.pass_k), "sandbox_backend": backend, "statuses": statuses}
     return {
         "metric": "pass_at_1",
         "per_item": per_item,
         "sandbox": backend,
-        "aggregate": {
-            **pass_at_k(by_task, settings.pass_k),
-            "sandbox_backend": backend,
-            "statuses": statuses,
-        },
+        "sandbox_warning": warning,
+        "aggregate": {**aggregate, "sandbox_warning": warning},
     }
 
 
@@ -330,7 +352,7 @@ def code_passes_tests(record: Record, code: str, *, timeout_s: float, memory_mb:
     from unisd.sandbox import run_checked
 
     # run_checked: a pass must reach the program's last line (sys.exit(0) before the asserts is no pass).
-    result = run_checked(code_program(record, code), timeout_s=timeout_s, memory_mb=memory_mb)
+    result = run_checked(code_checked_program(record, code), timeout_s=timeout_s, memory_mb=memory_mb)
     if result.status == "error":
         log.warning("%s: the sandbox could not run the tests: %s", record.id, result.reason)
         return None
