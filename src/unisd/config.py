@@ -87,11 +87,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+    """One line per bad field: `invalid config (demo.yaml with eval.limit=-1): eval.limit: Input should be
+    greater than or equal to 1 (got -1)`; a single error stays on one line."""
+    problems = []
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "<root>"
-        lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
+        msg = item["msg"].removeprefix("Value error, ")
+        got = item.get("input")
+        shown = "" if item["type"] == "value_error" and isinstance(got, dict) else f" (got {got!r})"
+        problems.append(f"{where}: {msg}{shown}")
+    if len(problems) == 1:
+        return f"invalid config ({source}): {problems[0]}"
+    return "\n".join([f"invalid config ({source}), {len(problems)} problems:", *[f"  {p}" for p in problems]])
 
 
 def validate(model: type[T], data: dict[str, Any], *, source: str = "<config>") -> T:
@@ -113,7 +120,10 @@ def load_config(
     if section is not None:
         data = data.get(section) or {}
     data = apply_overrides(data, overrides)
-    return validate(model, data, source=str(path) if path else "defaults + overrides")
+    source = str(path) if path else "defaults"
+    if overrides:
+        source += " with " + " ".join(overrides)
+    return validate(model, data, source=source)
 
 
 def dump_config(config: BaseModel) -> str:

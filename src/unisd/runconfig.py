@@ -33,12 +33,12 @@ CONFIG_DIR = REPO_ROOT / "configs"
 class PipelineSettings(StrictModel):
     rounds: int = Field(1, ge=1)  # staged rounds of rollout → score → train
     shards: int = Field(1, ge=1)  # ParallelFor fan-out of rollout and scoring
-    pipeline_root: str = "runs/kfp"
+    pipeline_root: str = Field("runs/kfp", min_length=1)  # local runs: one folder per run under it
 
 
 class RunConfig(StrictModel):
-    model: str = "smollm2-135m-instruct"
-    preset: str = "unisd_star"
+    model: str = Field("smollm2-135m-instruct", min_length=1)
+    preset: str = Field("unisd_star", min_length=1)
     objective: dict[str, Any] = {}
     prepare: PrepareConfig = PrepareConfig()
     contexts: ContextsConfig = ContextsConfig()
