@@ -391,11 +391,12 @@ def test_pooled_item_scores_keys_by_benchmark():
 
 def test_retry_succeeds_when_the_server_comes_back_late(server, tmp_path, caplog):
     """Stop the session's server, start a call, bring the server back on the same port a moment later:
-    the call must get through by retrying, and what was logged before the restart is still there."""
+    the call must get through by retrying, and what was logged before the restart is still there. The
+    budget is a time (retry_for_s), not a count: a loaded machine restarts the server in 10-50 s."""
     cfg = TrackingConfig(
         tracking_uri=server.uri, experiment="late", registered_model="late-model", retry_for_s=180,
         backoff_s=0.5, max_backoff_s=3,
-    )  # fmt: skip  (a time budget, not a count: a loaded machine restarts the server in 10-50 s)
+    )  # fmt: skip
     before = tracking.start_run(cfg, run_name="before-restart")
     server.stop()
     assert not server.healthy()

@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
-
 from pydantic import Field, model_validator
+from tqdm.auto import tqdm
 
 from unisd.artifacts import begin_stage, read_jsonl, read_partial_jsonl, write_jsonl, write_text
 from unisd.config import StrictModel
