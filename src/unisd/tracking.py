@@ -608,6 +608,28 @@ def finish_run(cfg: TrackingConfig, run_id: str, status: str = "FINISHED") -> di
     return {"status": status, "ended": bool(ended), "pending": pending, "outbox": str(path) if path else None}
 
 
+def find_run(cfg: TrackingConfig, pipeline_run: str) -> str | None:
+    """The id of the run `start_run` opened for pipeline run `pipeline_run` (tag pipeline_run_id), newest
+    first; None when there is none (the pipeline failed before its run was opened)."""
+    experiment = _call(
+        cfg, f"get experiment {cfg.experiment!r}", lambda c: c.get_experiment_by_name(cfg.experiment)
+    )
+    if experiment is None:
+        return None
+    escaped = pipeline_run.replace("'", "\\'")
+    runs = _call(
+        cfg,
+        f"find the run of pipeline run {pipeline_run}",
+        lambda c: c.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.pipeline_run_id = '{escaped}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        ),
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def run_status(cfg: TrackingConfig, run_id: str) -> str:
     return _call(cfg, f"get run {run_id}", lambda c: c.get_run(run_id).info.status)
 
