@@ -263,6 +263,7 @@ def train_op(
     previous: Optional[Input[Model]] = None,
 ):
     """Distillation training (UniSD objective); checkpoints, resumes; logs every loss term to MLflow."""
+    import json
     import math
 
     from unisd.config import check_consistent
@@ -290,6 +291,8 @@ def train_op(
     for key in LOSS_TERMS:
         if key in final and math.isfinite(float(final[key])):  # KFP metadata cannot hold NaN
             metrics.log_metric(key, float(final[key]))
+    with open(metrics.path, "w") as f:  # kfp.local keeps metrics as metadata only; its cache wants a file
+        json.dump(metrics.metadata, f)
     model.metadata.update({"steps": manifest["counts"]["steps"], "round": int(round_index)})
 
 
@@ -303,6 +306,7 @@ def eval_op(
     model: Optional[Input[Model]] = None,
 ):
     """One benchmark: sandboxed execution / letter accuracy / call match, retention, reference fit."""
+    import json
     import math
 
     from unisd.pipeline_steps import evaluate, parse_config
@@ -315,6 +319,8 @@ def eval_op(
         # KFP metadata cannot hold NaN (e.g. accuracy over zero parseable answers); results.json keeps it.
         if isinstance(value, int | float) and math.isfinite(value):
             metrics.log_metric(f"{aggregate['role']}_{key}", float(value))
+    with open(metrics.path, "w") as f:  # kfp.local keeps metrics as metadata only; its cache wants a file
+        json.dump(metrics.metadata, f)
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)

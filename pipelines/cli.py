@@ -280,9 +280,7 @@ def _load_resumed_run(args: argparse.Namespace) -> tuple[Path, dict]:
     info = run_dir / "tracking.json"
     if info.is_file():
         run_id = read_json(info)["run_id"]
-        before = tracking.reopen_run(cfg, run_id)
-        if before != "RUNNING":
-            print(f"MLflow run {run_id} was {before}: reopened (RUNNING) to finish it")
+        state["reopened"] = {"run_id": run_id, "was": tracking.reopen_run(cfg, run_id)}
     return run_dir, state
 
 
@@ -331,6 +329,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from unisd import tracking
 
     run_dir, state = _load_resumed_run(args) if args.resume else _prepare_new_run(args)
+    reopened = state.pop("reopened", None)
     args._log_path = log_path = run_dir / "run.log"
     cfg = load_run_config(run_dir / "config.yaml", check_paths=False)
     rounds = state["rounds"]
@@ -363,6 +362,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"unisd {verb}: {cfg.model}, preset {cfg.preset}, {rounds} round(s), {cfg.pipeline.shards} shard(s)\n"
         f"  run folder: {run_dir}\n  log: {log_path}"
     )
+    if reopened and reopened["was"] != "RUNNING":
+        print(f"  MLflow run {reopened['run_id']} was {reopened['was']}: reopened (RUNNING) to finish it")
     with open(log_path, "a") as log:
         log.write(f"\n===== attempt {attempt['n']} ({attempt['started']}, pid {os.getpid()}) =====\n")
     started = time.perf_counter()
