@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipelines.progress import _ANSI, expected_tasks, quiet_kfp, summary_lines
+from pipelines.progress import _ANSI, TITLES, expected_tasks, quiet_kfp, summary_lines
 from unisd.artifacts import write_json
 from unisd.cli import command
 from unisd.runconfig import CONFIG_DIR, load_run_config
@@ -314,8 +314,13 @@ def failure_line(log_text: str) -> tuple[str, str] | None:
 
 
 def _failed_tasks(err: BaseException) -> list[str]:
-    return [t for t in re.findall(r"'([^']+)'", _ANSI.sub("", str(err))) if not t.startswith("exit-handler")][
-        1:
+    """The stages kfp.local names in "Pipeline 'p' finished with status FAILURE. Inner task failed: 't' inside
+    'exit-handler-1'", by their titles."""
+    names = re.findall(r"'([^']+)'", _ANSI.sub("", str(err)))[1:]
+    return [
+        TITLES.get(re.sub(r"-\d+$", "", n), n)
+        for n in names
+        if not n.startswith(("exit-handler", "for-loop"))
     ]
 
 
@@ -399,7 +404,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         print(f"\nunisd run: error: {tasks} failed: {kind + ': ' if kind else ''}{message}", file=sys.stderr)
         print(f"  log: {log_path}", file=sys.stderr)
-        print(f"  after fixing it, continue with: unisd run --resume {run_dir}", file=sys.stderr)
+        print(f"  to retry the stages that did not finish: unisd run --resume {run_dir}", file=sys.stderr)
     finally:
         elapsed = time.perf_counter() - started
         state["attempts"][-1] = attempt | {

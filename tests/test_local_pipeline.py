@@ -10,6 +10,9 @@ The slowest tests in the suite (every component is a fresh Python process that i
         restarted while eval runs: the run completes, train metrics replayed, FINISHED
     test_mlflow_down_until_the_end_then_tracking_sync        the server stays down to the end: eval, register
         and report still run on the saved model; `unisd tracking sync RUN_DIR` replays all of it
+    test_a_failed_stage_ends_the_run_failed_in_one_line      a stage raises: one line naming it and its error,
+        the log, the resume command; the MLflow run FAILED
+    test_sigterm_stops_the_run_killed_with_a_resume_hint     SIGTERM: components stopped, MLflow run KILLED
 """
 
 from __future__ import annotations
@@ -50,12 +53,13 @@ def demo_config(tmp_path: Path, **tracking) -> Path:
     return path
 
 
-def small_config(tmp_path: Path, server: MlflowServer, name: str) -> Path:
-    """The smallest whole DAG: plain SD (no contexts, no views), one shard, CommonsenseQA only."""
+def small_config(tmp_path: Path, server: MlflowServer | None, name: str, **prepare) -> Path:
+    """The smallest whole DAG: plain SD (no contexts, no views), one shard, CommonsenseQA only; MLflow: the
+    server, else a sqlite file."""
     config = {
         "model": "tiny:llama",
         "preset": "sd",
-        "prepare": {"benchmarks": ["commonsenseqa"], "train_limit": 4, "eval_limit": 6},
+        "prepare": {"benchmarks": ["commonsenseqa"], "train_limit": 4, "eval_limit": 6, **prepare},
         "rollout": {"max_new_tokens": 8, "batch_size": 4},
         "train": {
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
@@ -67,7 +71,7 @@ def small_config(tmp_path: Path, server: MlflowServer, name: str) -> Path:
         },
         "eval": {"limit": 6, "max_new_tokens": 8, "batch_size": 6, "bootstrap_samples": 100},
         "tracking": {
-            "tracking_uri": server.uri,
+            "tracking_uri": server.uri if server else f"sqlite:///{tmp_path}/mlflow.db",
             "experiment": f"outage-{name}",
             "registered_model": f"outage-{name}",
             "retry_for_s": 20,
@@ -197,7 +201,8 @@ def test_a_killed_run_resumes_from_the_stages_that_finished(full_run, tmp_path, 
     assert main(["run", "--resume", str(run_dir)]) == 0
     resumed = time.monotonic() - started
     err = capsys.readouterr().err
-    print(f"full run {full_run['elapsed']:.1f}s; resumed attempt {resumed:.1f}s")
+    with capsys.disabled():
+        print(f"\nfull run {full_run['elapsed']:.1f}s; resumed attempt {resumed:.1f}s")
     assert resumed < full_run["elapsed"]
     done_before = [line for line in err.splitlines() if "↺" in line and "done before" in line]
     assert any("train" in line for line in done_before) and any("prepare" in line for line in done_before)
@@ -266,11 +271,12 @@ def test_mlflow_killed_as_training_starts_and_back_mid_run(tmp_path, server, cap
     started = time.monotonic()
     assert main(["run", "--config", str(config)]) == 0
     watcher.join(timeout=300)
-    print(
-        f"run {time.monotonic() - started:.1f}s; server killed at {events['killed'] - started:.1f}s, "
-        f"restarted at {events['restarted'] - started:.1f}s (healthy after {events['startup_s']:.1f}s)"
-    )
     out = capsys.readouterr().out
+    with capsys.disabled():
+        print(
+            f"\nrun {time.monotonic() - started:.1f}s; server killed at {events['killed'] - started:.1f}s, "
+            f"restarted at {events['restarted'] - started:.1f}s (healthy after {events['startup_s']:.1f}s)"
+        )
     run_dir = run_dir_of(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     client = mlflow_client(server.uri)
@@ -314,6 +320,8 @@ def test_mlflow_down_until_the_end_then_tracking_sync(tmp_path, server, capsys, 
     server.start()
     assert main(["tracking", "sync", str(run_dir)]) == 0
     out = capsys.readouterr().out
+    with capsys.disabled():
+        print(f"\n{pending} calls queued during the run; sync: {out.strip()}")
     assert f"{run_dir}: {pending} call(s) waited; replayed {pending}, 0 still waiting, 0 refused" in out
     client = mlflow_client(server.uri)
     run = client.get_run(json.loads((run_dir / "tracking.json").read_text())["run_id"])
@@ -324,3 +332,66 @@ def test_mlflow_down_until_the_end_then_tracking_sync(tmp_path, server, capsys, 
     assert version.run_id == run.info.run_id and version.tags["pipeline_run_id"]
     assert any(a.path == "report" for a in client.list_artifacts(run.info.run_id))
     assert main(["tracking", "sync", str(run_dir)]) == 0  # again: nothing left, harmless
+
+
+# --------------------------------------------------------------------------------------------------
+# a stage that fails, a run that is stopped: one line, a resume hint, the MLflow run closed
+
+
+def test_a_failed_stage_ends_the_run_failed_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = small_config(
+        tmp_path, None, "fails", max_prompt_tokens=1
+    )  # every item is too long: prepare raises
+    assert main(["run", "--config", str(config)]) == 2
+    run_dir = run_dir_of(tmp_path)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip() and not x.startswith("pipeline:")]
+    error = [x for x in lines if "error:" in x]
+    assert error == [
+        "unisd run: error: prepare failed: ValueError: no training items left after the length limits "
+        "(4 dropped); see report"
+    ]  # was: the error at line 1,059 of 1,094 under a kfp traceback
+    assert f"  log: {run_dir / 'run.log'}" in lines
+    assert f"  to retry the stages that did not finish: unisd run --resume {run_dir}" in lines
+    info = json.loads((run_dir / "tracking.json").read_text())
+    assert mlflow_client(info["tracking_uri"]).get_run(info["run_id"]).info.status == "FAILED"
+    assert json.loads((run_dir / "run.json").read_text())["attempts"][-1]["status"] == "failed"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_sigterm_stops_the_run_killed_with_a_resume_hint(tmp_path):
+    config = small_config(tmp_path, None, "stopped")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "unisd", "run", "--config", str(config)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and driver.poll() is None:
+        logs = list((tmp_path / "kfp").glob("run-*/run.log"))
+        if logs and "Executing task 'prepare-op'" in logs[0].read_text(errors="replace"):
+            break
+        time.sleep(0.5)
+    time.sleep(3)  # the prepare component is running
+    driver.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` does
+    out, err = driver.communicate(timeout=300)
+    run_dir = run_dir_of(tmp_path)
+    assert driver.returncode == 130, err[-3000:]
+    assert (
+        f"unisd run: stopped. Finished stages are kept; continue with:\n  unisd run --resume {run_dir}" in err
+    )
+    info = json.loads((run_dir / "tracking.json").read_text())
+    assert mlflow_client(info["tracking_uri"]).get_run(info["run_id"]).info.status == "KILLED"
+    assert json.loads((run_dir / "run.json").read_text())["attempts"][-1]["status"] == "killed"
+    time.sleep(2)
+    assert _processes_mentioning(run_dir.name) == []  # the component processes were stopped too

@@ -382,3 +382,19 @@ def test_config_files_report_the_file(tmp_path, capsys):
         f"unisd run: error: invalid config ({bad}): train.micro_batch_size: Input should be greater than or "
         "equal to 1 (got 0)"
     )
+
+
+def test_tracking_sync_with_the_server_still_down_keeps_everything(tmp_path, capsys):
+    from mlflow_server import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    outbox = tmp_path / "mlflow-outbox.jsonl"
+    record = {"op": "set_terminated", "run_id": "a" * 32, "status": "FINISHED", "uri": uri, "what": "end run"}
+    outbox.write_text(json.dumps(record) + "\n")
+    code, lines, seconds = run_cli(capsys, "tracking", "sync", str(tmp_path))
+    assert code == 2 and len(lines) == 2 and seconds < 30
+    assert error_line(lines).startswith(
+        f"unisd tracking: error: MLflow tracking server {uri} is not reachable ("
+    )
+    assert error_line(lines).endswith(f"; 1 call(s) keep waiting in {tmp_path}")
+    assert json.loads(outbox.read_text()) == record  # nothing lost

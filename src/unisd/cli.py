@@ -133,15 +133,20 @@ def cmd_tracking(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{path} does not exist: pass a run folder or its mlflow-outbox.jsonl")
     outboxes = [path] if path.is_file() else sorted(path.rglob(tracking.OUTBOX_NAME))
     pending = sum(tracking.outbox_pending(o) for o in outboxes)
-    uris = {args.tracking_uri} if args.tracking_uri else set()
-    for outbox in outboxes:
-        uris |= {r["uri"] for r in tracking._read_records(outbox)} if not args.tracking_uri else set()
     run_file = (path if path.is_dir() else path.parent) / "tracking.json"
     run_info = json.loads(run_file.read_text()) if run_file.is_file() else None
-    if run_info and not args.tracking_uri:
-        uris.add(run_info["tracking_uri"])
+    if args.tracking_uri:
+        uris = {args.tracking_uri}
+    else:
+        uris = {r["uri"] for o in outboxes for r in tracking._read_records(o)}
+        uris |= {run_info["tracking_uri"]} if run_info else set()
     for uri in sorted(uris):
-        tracking.probe(tracking.TrackingConfig(tracking_uri=uri))
+        try:
+            tracking.probe(tracking.TrackingConfig(tracking_uri=uri))
+        except tracking.TrackingUnavailableError as err:
+            raise tracking.TrackingUnavailableError(
+                f"{err}; {pending} call(s) keep waiting in {path}"
+            ) from None
     total = {"replayed": 0, "remaining": 0, "failed": 0}
     for outbox in outboxes:
         result = tracking.sync_outbox(outbox, tracking_uri=args.tracking_uri)
