@@ -340,7 +340,7 @@ def register_op(
     from collections import namedtuple
 
     from unisd import tracking
-    from unisd.pipeline_steps import parse_config, register_and_gate
+    from unisd.pipeline_steps import git_sha, parse_config, register_and_gate
 
     config_yaml = open(config.path).read()
     cfg = parse_config(config_yaml)
@@ -358,6 +358,7 @@ def register_op(
             "prepared_dir": prepared.path,
             "pipeline_run": pipeline_run,
             "promote_if_better": True,
+            "git_sha": git_sha(),
         },
     )
     if decision is None:

@@ -132,8 +132,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 RUN_STATE = "run.json"
 
 
-class RunStopped(Exception):
-    """SIGTERM: stop like Ctrl-C (end the MLflow run KILLED, keep the run folder resumable)."""
+class RunStopped(KeyboardInterrupt):
+    """SIGTERM: stop like Ctrl-C (end the MLflow run KILLED, keep the run folder resumable). A
+    KeyboardInterrupt, so kfp.local's `except Exception` around its tasks does not swallow it."""
 
 
 @contextlib.contextmanager
@@ -300,16 +301,19 @@ _USER_EXCEPTIONS = {
 
 
 def failure_line(log_text: str) -> tuple[str, str] | None:
-    """(exception type, message) of the last traceback in the run log: what the failed component raised."""
+    """(exception type, message) of the last traceback in the run log: what the failed component raised.
+    kfp.local indents a component's output; the exception line has the indent of its "Traceback" line."""
     found = None
     lines = _ANSI.sub("", log_text).splitlines()
     for i, line in enumerate(lines):
-        if line.startswith("Traceback (most recent call last)"):
-            for after in lines[i + 1 :]:
-                m = _EXCEPTION_LINE.match(after.strip())
-                if m and not after.startswith(" "):
-                    found = (m.group(1), m.group(2).strip())
-                    break
+        head = line.lstrip()
+        if not head.startswith("Traceback (most recent call last)"):
+            continue
+        indent = len(line) - len(head)
+        for after in lines[i + 1 :]:
+            if len(after) - len(after.lstrip()) == indent and (m := _EXCEPTION_LINE.match(after.strip())):
+                found = (m.group(1), m.group(2).strip())
+                break
     return found
 
 
@@ -381,7 +385,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             quiet_kfp(log_path, tasks_dir, total, verbose=getattr(args, "verbose", False)),
         ):
             pipeline(**state["arguments"])
-    except (KeyboardInterrupt, RunStopped):
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (RunStopped)
         outcome, code = "killed", 130
         _stop_components()
         _end_mlflow_run(run_dir, state, "KILLED")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,11 @@ def small_config(tmp_path: Path, server: MlflowServer | None, name: str, **prepa
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def log_text(path: Path) -> str:
+    """A run log without kfp.local's colour codes (it colours task names)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))
 
 
 def run_dir_of(tmp_path: Path) -> Path:
@@ -183,11 +189,11 @@ def test_a_killed_run_resumes_from_the_stages_that_finished(full_run, tmp_path, 
     log = None
     while time.monotonic() < deadline and driver.poll() is None:
         logs = list((tmp_path / "kfp").glob("run-*/run.log"))
-        if logs and "Executing task 'eval-op" in logs[0].read_text(errors="replace"):
+        if logs and "Executing task 'eval-op" in log_text(logs[0]):
             log = logs[0]
             break
         time.sleep(1)
-    assert log is not None, "the run never reached eval"
+    assert log is not None and driver.poll() is None, "the run never reached eval"
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and every component process: a crash, no cleanup
     driver.wait(timeout=60)
     run_dir = log.parent
@@ -379,9 +385,10 @@ def test_sigterm_stops_the_run_killed_with_a_resume_hint(tmp_path):
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline and driver.poll() is None:
         logs = list((tmp_path / "kfp").glob("run-*/run.log"))
-        if logs and "Executing task 'prepare-op'" in logs[0].read_text(errors="replace"):
+        if logs and "Executing task 'prepare-op'" in log_text(logs[0]):
             break
         time.sleep(0.5)
+    assert driver.poll() is None, "the run ended before prepare started"
     time.sleep(3)  # the prepare component is running
     driver.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` does
     out, err = driver.communicate(timeout=300)

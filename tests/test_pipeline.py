@@ -293,3 +293,21 @@ def test_schedule_sends_cron_and_parameters(kfp_api):
 def test_schedule_rejects_five_field_cron(kfp_api):
     host, _ = kfp_api
     assert main(["schedule", "--host", host, "--cron", "0 2 * * *"]) == 2
+
+
+def test_the_failed_components_error_is_found_in_the_run_log():
+    from pipelines.cli import failure_line
+
+    log = (
+        "\x1b[96m'prepare-op'\x1b[0m\n"
+        "            Traceback (most recent call last):\n"
+        '              File "x.py", line 3, in run\n'
+        "                raise ValueError(\n"
+        "            ValueError: no training items left after the length limits (4 dropped); see report\n"
+        "    Task 'prepare-op' finished with status FAILURE\n"
+    )
+    assert failure_line(log) == (
+        "ValueError",
+        "no training items left after the length limits (4 dropped); see report",
+    )
+    assert failure_line("no traceback here") is None

@@ -398,3 +398,24 @@ def test_tracking_sync_with_the_server_still_down_keeps_everything(tmp_path, cap
     )
     assert error_line(lines).endswith(f"; 1 call(s) keep waiting in {tmp_path}")
     assert json.loads(outbox.read_text()) == record  # nothing lost
+
+
+def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys):
+    run_dir = tmp_path / "run-1"
+    run_dir.mkdir()
+    code, lines, _ = run_cli(capsys, "run", "--resume", str(run_dir))
+    assert code == 2 and error_line(lines) == (
+        f"unisd run: error: --resume {run_dir}: no run.json there (not a run folder of `unisd run`)"
+    )
+    (run_dir / "run.json").write_text(
+        json.dumps({"attempts": [{"status": "succeeded"}], "tracking_uri": "x"})
+    )
+    code, lines, _ = run_cli(capsys, "run", "--resume", str(run_dir))
+    assert code == 2 and error_line(lines) == (
+        f"unisd run: error: --resume {run_dir}: the run already finished (summary: {run_dir / 'summary.json'})"
+    )
+    code, lines, _ = run_cli(capsys, "run", "--resume", str(run_dir), "train.max_steps=3")
+    assert code == 2 and error_line(lines) == (
+        "unisd run: error: --resume continues a run with its own config: drop --config / --rounds / overrides "
+        "(start a new run to change them)"
+    )

@@ -572,14 +572,20 @@ def _replay_register_and_gate(cfg: TrackingConfig, record: Mapping[str, Any]) ->
             "tracking": run_cfg.tracking.model_copy(update={"tracking_uri": cfg.tracking_uri, "outbox": None})
         }
     )
-    decision = pipeline_steps.register_and_gate(
-        run_cfg,
-        record["run_id"],
-        record["model_dir"],
-        record["eval_dirs"],
-        record["prepared_dir"],
-        record["pipeline_run"],
-    )
+    original_sha = pipeline_steps.git_sha
+    if record.get("git_sha"):  # the lineage is the run's, not that of the checkout running the sync
+        pipeline_steps.git_sha = lambda: record["git_sha"]
+    try:
+        decision = pipeline_steps.register_and_gate(
+            run_cfg,
+            record["run_id"],
+            record["model_dir"],
+            record["eval_dirs"],
+            record["prepared_dir"],
+            record["pipeline_run"],
+        )
+    finally:
+        pipeline_steps.git_sha = original_sha
     if record.get("promote_if_better") and decision["promote"]:
         pipeline_steps.promote(run_cfg, decision["version"])
     log.info("replayed register + gate: version %s, promote=%s", decision["version"], decision["promote"])
