@@ -229,15 +229,16 @@ def _prepare_new_run(args: argparse.Namespace) -> tuple[Path, dict]:
     import yaml
 
     from unisd import tracking
-    from unisd.config import check_data_files, check_output_dir
+    from unisd.config import check_data_files, check_model_spec, check_output_dir
 
     config_path = Path(args.config or CONFIG_DIR / "demo.yaml")
-    cfg = load_run_config(config_path, args.overrides)
-    check_data_files([*cfg.prepare.benchmarks, *cfg.prepare.eval_only], cfg.prepare.data_dir)
-    check_output_dir(cfg.pipeline.pipeline_root, "pipeline.pipeline_root")
+    cfg = load_run_config(config_path, args.overrides, check_paths=False)
     tracking_uri = absolute_sqlite_uri(cfg.tracking.tracking_uri, Path.cwd())
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": tracking_uri})})
-    tracking.probe(cfg.tracking)
+    tracking.probe(cfg.tracking)  # first: the one check that needs no heavy import
+    check_model_spec(cfg.model)
+    check_data_files([*cfg.prepare.benchmarks, *cfg.prepare.eval_only], cfg.prepare.data_dir)
+    check_output_dir(cfg.pipeline.pipeline_root, "pipeline.pipeline_root")
     run_dir = _new_run_dir(Path(cfg.pipeline.pipeline_root).resolve())
     config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     (run_dir / "config.yaml").write_text(config_text)
