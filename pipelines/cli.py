@@ -273,6 +273,8 @@ def _load_resumed_run(args: argparse.Namespace) -> tuple[Path, dict]:
     last = state["attempts"][-1] if state["attempts"] else {}
     if last.get("status") == "running" and _pid_alive(last.get("pid")):
         raise ValueError(f"--resume {run_dir}: the run is still going (pid {last['pid']})")
+    if last.get("status") == "running":  # its driver died without a word (SIGKILL, OOM, power loss)
+        last["status"] = "lost"
     if last.get("status") == "succeeded":
         raise ValueError(
             f"--resume {run_dir}: the run already finished (summary: {run_dir / 'summary.json'})"

@@ -225,7 +225,7 @@ def test_a_killed_run_resumes_from_the_stages_that_finished(full_run, tmp_path, 
     assert [r.info.run_id for r in runs] == [tracking_info["run_id"]]  # the resumed run, not a second one
     assert runs[0].info.status == "FINISHED"
     state = json.loads((run_dir / "run.json").read_text())
-    assert [a["status"] for a in state["attempts"]] == ["running", "succeeded"]
+    assert [a["status"] for a in state["attempts"]] == ["lost", "succeeded"]
 
 
 # --------------------------------------------------------------------------------------------------
