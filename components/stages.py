@@ -10,7 +10,7 @@ KFP parses these signatures at import time: keep `typing.List` / `Optional` (its
 from typing import List, NamedTuple, Optional
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output, PipelineTaskFinalStatus
 
 from unisd.images import image
 
@@ -57,7 +57,10 @@ def resolve_config_op(
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def start_tracking_op(config: Input[Artifact], pipeline_run: str) -> NamedTuple("Tracking", run_id=str):
-    """Open the MLflow run every later step logs to; returns its run id."""
+    """Check the MLflow server (seconds, one clear error), then open the run every later step logs to;
+    returns its run id. Every expensive stage runs after this one."""
+    import json
+    import os
     from collections import namedtuple
 
     from unisd import tracking
@@ -65,6 +68,7 @@ def start_tracking_op(config: Input[Artifact], pipeline_run: str) -> NamedTuple(
 
     config = open(config.path).read()  # the resolved run config (YAML)
     cfg = parse_config(config)
+    tracking.probe(cfg.tracking)
     run_id = tracking.start_run(
         cfg.tracking,
         run_name=f"unisd-{cfg.preset}",
@@ -72,15 +76,92 @@ def start_tracking_op(config: Input[Artifact], pipeline_run: str) -> NamedTuple(
         params={"model": cfg.model, "preset": cfg.preset},
     )
     tracking.log_config(cfg.tracking, run_id, config)
+    run_dir = os.environ.get(tracking.RUN_DIR_ENV)
+    if run_dir:  # a local run: its exit step, `unisd run --resume` and `unisd tracking sync` read this
+        info = {"run_id": run_id, "tracking_uri": cfg.tracking.tracking_uri, "pipeline_run": pipeline_run}
+        with open(os.path.join(run_dir, "tracking.json"), "w") as f:
+            json.dump(info, f)
     return namedtuple("Tracking", ["run_id"])(run_id)
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def end_tracking_op(
+    config_yaml: str,
+    model: str,
+    preset: str,
+    benchmarks: list,
+    num_shards: int,
+    budget: float,
+    max_new_tokens: int,
+    lora: bool,
+    mlflow_tracking_uri: str,
+    registered_model: str,
+    promotion_margin: float,
+    extra_overrides: list,
+    ui_defaults: dict,
+    pipeline_run: str,
+    status: PipelineTaskFinalStatus,
+):
+    """The pipeline's exit step (dsl.ExitHandler): runs whatever happened inside. Replays what MLflow
+    missed, then ends the run FINISHED / FAILED / KILLED with the pipeline's status. An exit task may not
+    depend on other tasks, so it resolves the config from the run parameters itself and finds the run by
+    its pipeline_run_id tag (a local run: tracking.json in the run folder)."""
+    import json
+    import os
+
+    from unisd import tracking
+    from unisd.pipeline_steps import parse_config, resolve_config
+
+    ui = dict(
+        model=model,
+        preset=preset,
+        benchmarks=benchmarks,
+        num_shards=num_shards,
+        budget=budget,
+        max_new_tokens=max_new_tokens,
+        lora=lora,
+        mlflow_tracking_uri=mlflow_tracking_uri,
+        registered_model=registered_model,
+        promotion_margin=promotion_margin,
+    )
+    cfg = parse_config(resolve_config(config_yaml, ui, ui_defaults, extra_overrides)).tracking
+    mlflow_status = {"SUCCEEDED": "FINISHED", "CANCELLED": "KILLED", "CANCELED": "KILLED"}.get(
+        str(status.state).upper(), "FAILED"
+    )
+    run_dir = os.environ.get(tracking.RUN_DIR_ENV)
+    info_file = os.path.join(run_dir, "tracking.json") if run_dir else None
+    if info_file and os.path.exists(info_file):
+        run_id = json.load(open(info_file))["run_id"]
+    elif tracking.reachable(cfg):
+        run_id = tracking.find_run(cfg, pipeline_run)
+    else:
+        print(f"MLflow at {cfg.tracking_uri} is unreachable and the run id is unknown: nothing to end")
+        return
+    if run_id is None:
+        print(f"no MLflow run was opened for {pipeline_run} (the pipeline stopped before): nothing to end")
+        return
+    try:
+        outcome = tracking.finish_run(cfg, run_id, mlflow_status)
+    except tracking.TrackingUnavailableError as err:  # no outbox on this machine: say so, don't hide it
+        print(f"MLflow run {run_id} could not be ended {mlflow_status}: {err}")
+        return
+    if outcome["ended"]:
+        print(f"MLflow run {run_id}: {mlflow_status} (pipeline {status.state})")
+    else:
+        print(
+            f"MLflow run {run_id}: {mlflow_status} is queued behind {outcome['pending']} call(s) in "
+            f"{outcome['outbox']}: replay with `unisd tracking sync {os.path.dirname(outcome['outbox'])}`"
+        )
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def prepare_op(config: Input[Artifact], prepared: Output[Dataset]):
     """Benchmarks → training records (student/teacher prompts) and held-out eval records."""
+    from unisd.config import check_data_files
     from unisd.pipeline_steps import parse_config, prepare
 
     cfg = parse_config(open(config.path).read())
+    check_data_files([*cfg.prepare.benchmarks, *cfg.prepare.eval_only], cfg.prepare.data_dir)
     prepared.metadata.update(prepare(cfg, prepared.path)["counts"])
 
 
@@ -149,8 +230,12 @@ def score_op(
     student: Optional[Input[Model]] = None,
 ):
     """K-view sampled-token log-probs and agreement weights for one shard (adaptive budget)."""
-    from unisd.pipeline_steps import parse_config, score
+    from unisd.config import check_consistent
+    from unisd.pipeline_steps import parse_config, score, stage_dirs
 
+    check_consistent(
+        prepared.path, contexts=contexts.path, rollouts=stage_dirs(rollouts.path, "completions.jsonl")
+    )
     manifest = score(
         parse_config(open(config.path).read()),
         prepared.path,
@@ -178,11 +263,19 @@ def train_op(
     previous: Optional[Input[Model]] = None,
 ):
     """Distillation training (UniSD objective); checkpoints, resumes; logs every loss term to MLflow."""
+    import json
     import math
 
+    from unisd.config import check_consistent
     from unisd.objective import LOSS_TERMS
-    from unisd.pipeline_steps import parse_config, train
+    from unisd.pipeline_steps import parse_config, stage_dirs, train
 
+    check_consistent(
+        prepared.path,
+        contexts=contexts.path,
+        rollouts=stage_dirs(rollouts.path, "completions.jsonl"),
+        scores=stage_dirs(scores.path, "scores.safetensors"),
+    )
     manifest = train(
         parse_config(open(config.path).read()),
         prepared.path,
@@ -198,6 +291,8 @@ def train_op(
     for key in LOSS_TERMS:
         if key in final and math.isfinite(float(final[key])):  # KFP metadata cannot hold NaN
             metrics.log_metric(key, float(final[key]))
+    with open(metrics.path, "w") as f:  # kfp.local keeps metrics as metadata only; its cache wants a file
+        json.dump(metrics.metadata, f)
     model.metadata.update({"steps": manifest["counts"]["steps"], "round": int(round_index)})
 
 
@@ -211,6 +306,7 @@ def eval_op(
     model: Optional[Input[Model]] = None,
 ):
     """One benchmark: sandboxed execution / letter accuracy / call match, retention, reference fit."""
+    import json
     import math
 
     from unisd.pipeline_steps import evaluate, parse_config
@@ -223,6 +319,8 @@ def eval_op(
         # KFP metadata cannot hold NaN (e.g. accuracy over zero parseable answers); results.json keeps it.
         if isinstance(value, int | float) and math.isfinite(value):
             metrics.log_metric(f"{aggregate['role']}_{key}", float(value))
+    with open(metrics.path, "w") as f:  # kfp.local keeps metrics as metadata only; its cache wants a file
+        json.dump(metrics.metadata, f)
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
@@ -235,20 +333,42 @@ def register_op(
     prepared: Input[Dataset],
     pipeline_run: str,
 ) -> NamedTuple("Gate", version=str, promote=bool, decision=str):
-    """Register the student in MLflow (alias `challenger`) and decide promotion (paired bootstrap)."""
+    """Register the student in MLflow (alias `challenger`) and decide promotion (paired bootstrap). With
+    MLflow unreachable, the whole step is queued in the run's outbox (`unisd tracking sync` registers,
+    gates and promotes later) and the pipeline goes on to the report: nothing is promoted meanwhile."""
     import json
     from collections import namedtuple
 
-    from unisd.pipeline_steps import parse_config, register_and_gate
+    from unisd import tracking
+    from unisd.pipeline_steps import git_sha, parse_config, register_and_gate
 
-    decision = register_and_gate(
-        parse_config(open(config.path).read()),
-        run_id,
-        model.path,
-        [e.path for e in [*evals, *base_evals]],
-        prepared.path,
-        pipeline_run,
+    config_yaml = open(config.path).read()
+    cfg = parse_config(config_yaml)
+    eval_dirs = [e.path for e in [*evals, *base_evals]]
+    decision = tracking.run_or_defer(
+        cfg.tracking,
+        "register + gate",
+        lambda: register_and_gate(cfg, run_id, model.path, eval_dirs, prepared.path, pipeline_run),
+        record={
+            "op": "register_and_gate",
+            "run_id": run_id,
+            "config_yaml": config_yaml,
+            "model_dir": model.path,
+            "eval_dirs": eval_dirs,
+            "prepared_dir": prepared.path,
+            "pipeline_run": pipeline_run,
+            "promote_if_better": True,
+            "git_sha": git_sha(),
+        },
     )
+    if decision is None:
+        decision = {
+            "promote": False,
+            "deferred": True,
+            "version": "",
+            "reason": f"MLflow at {cfg.tracking.tracking_uri} was unreachable: registration and the promotion "
+            "gate are queued in the run's outbox (unisd tracking sync RUN_DIR registers, gates and promotes)",
+        }
     gate = namedtuple("Gate", ["version", "promote", "decision"])
     return gate(str(decision["version"]), bool(decision["promote"]), json.dumps(decision, default=str))
 

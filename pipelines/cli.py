@@ -5,13 +5,18 @@ library in src/unisd never imports kfp).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from pipelines.progress import expected_tasks, log_tail, quiet_kfp, summary_lines
+from pipelines.progress import _ANSI, TITLES, expected_tasks, quiet_kfp, summary_lines
 from unisd.artifacts import write_json
 from unisd.cli import command
 from unisd.runconfig import CONFIG_DIR, load_run_config
@@ -104,61 +109,379 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         "-v", "--verbose", action="store_true", help="show kfp.local's own output (else: the log file)"
     )
     p.add_argument("--rounds", type=int, default=None, help="default: the config's pipeline.rounds")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a killed or failed run from the stages that finished (same config, same MLflow run)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
 
 
-@command("run", "run the whole pipeline locally (kfp.local, this machine's env)", _run_args)
+# A local run's folder, RUN_DIR = <pipeline_root>/run-<time>-<suffix>/:
+#   run.json          what was run (the resolved config, the pipeline arguments) and each attempt
+#   config.yaml       the resolved run config the pipeline is built from (a resume rebuilds the same DAG)
+#   run.log           kfp.local's output, every attempt appended
+#   tracking.json     the MLflow run (written by the start-tracking step)
+#   driver.pid        the `unisd run` process while it runs
+#   mlflow-outbox.jsonl  calls MLflow missed (unisd tracking sync RUN_DIR)
+#   .kfp_cache/       kfp.local's task cache: a finished task is not run again on --resume
+#   <pipeline>-<run>/ the task folders (the same on every attempt: an unfinished stage resumes inside its
+#                     folder, e.g. training from its last checkpoint)
+#   summary.json      what the run produced
+RUN_STATE = "run.json"
+
+
+class RunStopped(KeyboardInterrupt):
+    """SIGTERM: stop like Ctrl-C (end the MLflow run KILLED, keep the run folder resumable). A
+    KeyboardInterrupt, so kfp.local's `except Exception` around its tasks does not swallow it."""
+
+
+@contextlib.contextmanager
+def _stable_task_folders(resource_name: str) -> Iterator[None]:
+    """kfp.local names each run's task folder <pipeline>-<timestamp>; a resume must find the folders of the
+    attempt before (its finished tasks are cache hits pointing there, its unfinished one resumes inside
+    its folder), so the name is pinned to the run for the duration of the call (kfp 2.17's
+    executor_input_utils.get_local_pipeline_resource_name; without it, finished tasks are still reused
+    through the cache and only an unfinished stage starts over)."""
+    from kfp.local import executor_input_utils
+
+    original = getattr(executor_input_utils, "get_local_pipeline_resource_name", None)
+    if original is None:
+        yield
+        return
+    executor_input_utils.get_local_pipeline_resource_name = lambda pipeline_name: resource_name
+    try:
+        yield
+    finally:
+        executor_input_utils.get_local_pipeline_resource_name = original
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    def stop(signum, frame):
+        raise RunStopped(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (Linux /proc; [] elsewhere): the component processes."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop_components() -> None:
+    for child in _descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGTERM)
+
+
+def _new_run_dir(root: Path) -> Path:
+    import secrets
+
+    for _ in range(10):
+        run_dir = root / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not make a new run folder under {root}")
+
+
+def _prepare_new_run(args: argparse.Namespace) -> tuple[Path, dict]:
+    """Load and check everything a run needs (config ranges, model, data files, pipeline_root, MLflow) —
+    seconds, nothing loaded — then make the run folder."""
+    import yaml
+
+    from unisd import tracking
+    from unisd.config import check_data_files, check_model_spec, check_output_dir
+
+    config_path = Path(args.config or CONFIG_DIR / "demo.yaml")
+    cfg = load_run_config(config_path, args.overrides, check_paths=False)
+    tracking_uri = absolute_sqlite_uri(cfg.tracking.tracking_uri, Path.cwd())
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": tracking_uri})})
+    tracking.probe(cfg.tracking)  # first: the one check that needs no heavy import
+    check_model_spec(cfg.model)
+    check_data_files([*cfg.prepare.benchmarks, *cfg.prepare.eval_only], cfg.prepare.data_dir)
+    check_output_dir(cfg.pipeline.pipeline_root, "pipeline.pipeline_root")
+    run_dir = _new_run_dir(Path(cfg.pipeline.pipeline_root).resolve())
+    config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    (run_dir / "config.yaml").write_text(config_text)
+    state = {
+        "run_name": run_dir.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config_path": str(config_path),
+        "overrides": list(args.overrides),
+        "rounds": args.rounds or cfg.pipeline.rounds,
+        "tracking_uri": tracking_uri,
+        "arguments": submitted_arguments(cfg, tracking_uri),
+        "attempts": [],
+    }
+    write_json(run_dir / RUN_STATE, state)
+    return run_dir, state
+
+
+def _load_resumed_run(args: argparse.Namespace) -> tuple[Path, dict]:
+    from unisd import tracking
+    from unisd.artifacts import read_json
+    from unisd.tracking import TrackingConfig
+
+    run_dir = Path(args.resume).expanduser().resolve()
+    if args.config or args.overrides or args.rounds:
+        raise ValueError(
+            "--resume continues a run with its own config: drop --config / --rounds / overrides "
+            "(start a new run to change them)"
+        )
+    if not (run_dir / RUN_STATE).is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no {RUN_STATE} there (not a run folder of `unisd run`)")
+    state = read_json(run_dir / RUN_STATE)
+    last = state["attempts"][-1] if state["attempts"] else {}
+    if last.get("status") == "running" and _pid_alive(last.get("pid")):
+        raise ValueError(f"--resume {run_dir}: the run is still going (pid {last['pid']})")
+    if last.get("status") == "running":  # its driver died without a word (SIGKILL, OOM, power loss)
+        last["status"] = "lost"
+    if last.get("status") == "succeeded":
+        raise ValueError(
+            f"--resume {run_dir}: the run already finished (summary: {run_dir / 'summary.json'})"
+        )
+    cfg = TrackingConfig(tracking_uri=state["tracking_uri"])
+    tracking.probe(cfg)
+    info = run_dir / "tracking.json"
+    if info.is_file():
+        run_id = read_json(info)["run_id"]
+        state["reopened"] = {"run_id": run_id, "was": tracking.reopen_run(cfg, run_id)}
+    return run_dir, state
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Unavailable\w*)): (.+)$")
+_USER_EXCEPTIONS = {
+    "ValueError", "ConfigError", "InputError", "FileNotFoundError", "NotADirectoryError", "IsADirectoryError",
+    "FileExistsError", "TrackingUnavailableError", "UnknownModelError", "BadInputError", "UnicodeDecodeError",
+}  # fmt: skip
+
+
+def failure_line(log_text: str) -> tuple[str, str] | None:
+    """(exception type, message) of the last traceback in the run log: what the failed component raised.
+    kfp.local indents a component's output; the exception line has the indent of its "Traceback" line."""
+    found = None
+    lines = _ANSI.sub("", log_text).splitlines()
+    for i, line in enumerate(lines):
+        head = line.lstrip()
+        if not head.startswith("Traceback (most recent call last)"):
+            continue
+        indent = len(line) - len(head)
+        for after in lines[i + 1 :]:
+            if len(after) - len(after.lstrip()) == indent and (m := _EXCEPTION_LINE.match(after.strip())):
+                found = (m.group(1), m.group(2).strip())
+                break
+    return found
+
+
+def _failed_tasks(err: BaseException) -> list[str]:
+    """The stages kfp.local names in "Pipeline 'p' finished with status FAILURE. Inner task failed: 't' inside
+    'exit-handler-1'", by their titles."""
+    names = re.findall(r"'([^']+)'", _ANSI.sub("", str(err)))[1:]
+    return [
+        TITLES.get(re.sub(r"-\d+$", "", n), n)
+        for n in names
+        if not n.startswith(("exit-handler", "for-loop"))
+    ]
+
+
+@command(
+    "run", "run the whole pipeline locally (kfp.local, this machine's env); --resume continues one", _run_args
+)
 def cmd_run(args: argparse.Namespace) -> int:
     from kfp import local
 
-    from pipelines.unisd_pipeline import build_pipeline
+    from pipelines.unisd_pipeline import PIPELINE_NAME, build_pipeline
+    from unisd import tracking
 
-    config_path = Path(args.config or CONFIG_DIR / "demo.yaml")
-    cfg = load_run_config(config_path, args.overrides)
-    rounds = args.rounds or cfg.pipeline.rounds
-    root = Path(cfg.pipeline.pipeline_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    tracking_uri = absolute_sqlite_uri(cfg.tracking.tracking_uri, Path.cwd())
+    run_dir, state = _load_resumed_run(args) if args.resume else _prepare_new_run(args)
+    reopened = state.pop("reopened", None)
+    args._log_path = log_path = run_dir / "run.log"
+    cfg = load_run_config(run_dir / "config.yaml", check_paths=False)
+    rounds = state["rounds"]
+    resource_name = f"{PIPELINE_NAME}-{state['run_name']}"
+    tasks_dir = run_dir / resource_name
+    attempt = {
+        "n": len(state["attempts"]) + 1,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "pid": os.getpid(),
+    }
+    state["attempts"].append(attempt | {"status": "running"})
+    write_json(run_dir / RUN_STATE, state)
+    (run_dir / "driver.pid").write_text(f"{os.getpid()}\n")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # kfp.local runs ParallelFor iterations at the same time (rollout/scoring shards, the evals): with
     # torch's default of one thread per core each, they oversubscribe the cores and spin against each
     # other. One thread per component process keeps a small machine busy without thrashing.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    pipeline = build_pipeline(rounds=rounds, cluster=False, config_path=config_path)
-    # The resolved config (overrides applied, paths absolute: components run in other directories) is the
-    # run's config_yaml; the UI parameters carry the same values, so none of them overrides it.
-    arguments = submitted_arguments(cfg, tracking_uri)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(run_dir),
+        raise_on_error=True,
+        enable_caching=True,
+        cache_root=str(run_dir / ".kfp_cache"),
+    )
+    pipeline = build_pipeline(rounds=rounds, cluster=False, config_path=run_dir / "config.yaml")
     total = expected_tasks(rounds=rounds, shards=cfg.pipeline.shards, benchmarks=len(cfg.prepare.benchmarks))
-    log_path = root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    verb = f"resuming (attempt {attempt['n']})" if args.resume else "run"
     print(
-        f"unisd run: {cfg.model}, preset {cfg.preset}, {rounds} round(s), {cfg.pipeline.shards} shard(s); log: {log_path}"
+        f"unisd {verb}: {cfg.model}, preset {cfg.preset}, {rounds} round(s), {cfg.pipeline.shards} shard(s)\n"
+        f"  run folder: {run_dir}\n  log: {log_path}"
     )
+    if reopened and reopened["was"] != "RUNNING":
+        print(f"  MLflow run {reopened['run_id']} was {reopened['was']}: reopened (RUNNING) to finish it")
+    with open(log_path, "a") as log:
+        log.write(f"\n===== attempt {attempt['n']} ({attempt['started']}, pid {os.getpid()}) =====\n")
     started = time.perf_counter()
-    before = {p.name for p in root.iterdir()}
+    outcome, code = "succeeded", 0
     try:
-        with quiet_kfp(log_path, root, total, verbose=getattr(args, "verbose", False)):
-            pipeline(**arguments)
-    except Exception:
-        if not getattr(args, "verbose", False):
-            print(
-                f"\nThe run failed. The end of its log ({log_path}):\n{log_tail(log_path)}", file=sys.stderr
+        with (
+            _env(**{tracking.RUN_DIR_ENV: str(run_dir)}),
+            _stable_task_folders(resource_name),
+            _sigterm_stops(),
+            quiet_kfp(log_path, tasks_dir, total, verbose=getattr(args, "verbose", False)),
+        ):
+            pipeline(**state["arguments"])
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (RunStopped)
+        outcome, code = "killed", 130
+        _stop_components()
+        _end_mlflow_run(run_dir, state, "KILLED")
+        print(
+            f"\nunisd run: stopped. Finished stages are kept; continue with:\n  unisd run --resume {run_dir}",
+            file=sys.stderr,
+        )
+    except Exception as err:
+        if not str(err).startswith("Pipeline"):
+            raise
+        outcome = "failed"
+        failure = failure_line(log_path.read_text(errors="replace")) if log_path.exists() else None
+        tasks = ", ".join(_failed_tasks(err)) or "a stage"
+        kind, message = failure or ("", "see the log")
+        code = 2 if kind in _USER_EXCEPTIONS or "No space left" in message else 1
+        if "No space left" in message:
+            free = shutil.disk_usage(run_dir).free / 2**20
+            message = (
+                f"no space left on device ({free:.0f} MiB free in {run_dir}): free some space, then resume"
             )
-        raise
-    elapsed = time.perf_counter() - started
-    run_dirs = sorted(
-        (p for p in root.iterdir() if p.name not in before and p.is_dir()), key=lambda p: p.stat().st_mtime
-    )
-    run_dir = run_dirs[-1] if run_dirs else root
-    summary = local_run_summary(run_dir, tracking_uri=tracking_uri, elapsed_s=elapsed)
+        print(f"\nunisd run: error: {tasks} failed: {kind + ': ' if kind else ''}{message}", file=sys.stderr)
+        print(f"  log: {log_path}", file=sys.stderr)
+        print(f"  to retry the stages that did not finish: unisd run --resume {run_dir}", file=sys.stderr)
+    finally:
+        elapsed = time.perf_counter() - started
+        state["attempts"][-1] = attempt | {
+            "status": outcome,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "elapsed_s": round(elapsed, 1),
+        }
+        write_json(run_dir / RUN_STATE, state)
+        (run_dir / "driver.pid").unlink(missing_ok=True)
+    if outcome != "succeeded":
+        return code
+    summary = local_run_summary(tasks_dir, tracking_uri=state["tracking_uri"], elapsed_s=elapsed)
+    summary["run_dir"], summary["attempts"] = str(run_dir), len(state["attempts"])
+    summary["mlflow"] = _mlflow_state(run_dir, state)
     write_json(run_dir / "summary.json", summary)
     print("\n".join(summary_lines(summary)))
     print(f"\nfinished in {elapsed / 60:.1f} min; summary: {run_dir / 'summary.json'}")
     print(f"report:    {summary.get('report_html')}")
-    print(
-        f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --port 5000   (then open http://127.0.0.1:5000)"
-    )
+    pending = summary["mlflow"]["outbox_pending"]
+    if pending:
+        print(
+            f"MLflow was unreachable: {pending} call(s) wait in {run_dir / tracking.OUTBOX_NAME}; "
+            f"replay them with: unisd tracking sync {run_dir}"
+        )
+    else:
+        print(f"MLflow run {summary['mlflow'].get('run_id')}: {summary['mlflow'].get('status')}")
+    if state["tracking_uri"].startswith("sqlite:"):
+        print(
+            f"MLflow UI: mlflow ui --backend-store-uri {state['tracking_uri']} --port 5000   "
+            "(then open http://127.0.0.1:5000)"
+        )
     return 0
+
+
+def _mlflow_state(run_dir: Path, state: dict) -> dict:
+    from unisd import tracking
+    from unisd.artifacts import read_json
+
+    info = read_json(run_dir / "tracking.json") if (run_dir / "tracking.json").is_file() else {}
+    out = {
+        "run_id": info.get("run_id"),
+        "outbox_pending": tracking.outbox_pending(run_dir / tracking.OUTBOX_NAME),
+        "status": None,
+    }
+    if info and not out["outbox_pending"]:
+        cfg = tracking.TrackingConfig(tracking_uri=state["tracking_uri"], retry_for_s=10)
+        with contextlib.suppress(tracking.TrackingUnavailableError):
+            out["status"] = tracking.run_status(cfg, info["run_id"])
+    return out
+
+
+def _end_mlflow_run(run_dir: Path, state: dict, status: str) -> None:
+    """The exit step cannot run when the driver itself is stopped: end the run here (queued in the outbox
+    when MLflow is down)."""
+    from unisd import tracking
+    from unisd.artifacts import read_json
+
+    info = run_dir / "tracking.json"
+    if not info.is_file():
+        return
+    cfg = tracking.TrackingConfig(
+        tracking_uri=state["tracking_uri"], retry_for_s=10, outbox=str(run_dir / tracking.OUTBOX_NAME)
+    )
+    run_id = read_json(info)["run_id"]
+    with contextlib.suppress(tracking.TrackingUnavailableError):
+        outcome = tracking.finish_run(cfg, run_id, status)
+        print(
+            f"MLflow run {run_id}: {status}" if outcome["ended"] else f"MLflow run {run_id}: {status} queued",
+            file=sys.stderr,
+        )
 
 
 def local_run_summary(run_dir: Path, *, tracking_uri: str, elapsed_s: float) -> dict:
@@ -224,7 +547,7 @@ def _compiled(args) -> tuple:
     """(run config, the arguments to send, the compiled package) for submit / schedule; the MLflow URI is
     checked before anything is compiled."""
     config_path = Path(args.config or CONFIG_DIR / "demo.yaml")
-    cfg = load_run_config(config_path, args.overrides)
+    cfg = load_run_config(config_path, args.overrides, check_paths=False)  # cluster paths need not exist here
     arguments = submitted_arguments(cfg, remote_tracking_uri(cfg, args.mlflow_uri))
     package = Path(os.environ.get("TMPDIR", "/tmp")) / f"unisd-pipeline-{os.getpid()}.yaml"
     compile_pipeline(

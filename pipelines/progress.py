@@ -4,6 +4,8 @@ warnings, the components' own output, executor JSON — goes to a log file in th
 
 kfp.local reports tasks through its logger ("Executing task 'x'", "Task 'x' finished with status S") on
 stdout; `StageConsole` is that stdout: it writes every line to the log and turns those two into stage lines.
+A task finished by an earlier attempt of the run (`unisd run --resume`: kfp.local's cache hit, "Task x cache
+hit") shows as `↺ <stage>  done before`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from unisd.artifacts import read_json
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
 _END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_CACHED = re.compile(r"Task (\S+) cache hit")
 TITLES = {
     "resolve-config-op": "resolve config",
     "start-tracking-op": "MLflow run",
+    "end-tracking-op": "end MLflow run",
     "prepare-op": "prepare",
     "contexts-op": "contexts",
     "shard-indices-op": "shards",
@@ -39,8 +43,8 @@ TITLES = {
 
 
 def expected_tasks(*, rounds: int, shards: int, benchmarks: int) -> int:
-    """Tasks of one local run (promote counted: it runs only when the gate promotes)."""
-    return 5 + rounds * (2 * shards + 3) + 2 * benchmarks + 3
+    """Tasks of one local run (promote counted: it runs only when the gate promotes; the exit step too)."""
+    return 5 + rounds * (2 * shards + 3) + 2 * benchmarks + 4
 
 
 def _key_counts(task_dir: Path) -> str:
@@ -103,6 +107,9 @@ class StageConsole:
         if m := _START.search(line):
             self.started[m.group(1)] = time.perf_counter()
             self._say(f"  ▶ {self._title(m.group(1))}")
+        elif m := _CACHED.search(line):
+            self._say(f"  ↺ {self._title(m.group(1)):<18}            done before")
+            self.bar.update(1)
         elif m := _END.search(line):
             name, status = m.groups()
             seconds = time.perf_counter() - self.started.get(name, time.perf_counter())
@@ -118,8 +125,7 @@ class StageConsole:
         return TITLES.get(base, base) + (f" [{task.rsplit('-', 1)[1]}]" if base != task else "")
 
     def _task_dir(self, task: str) -> Path:
-        runs = sorted((p for p in self.run_root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        return runs[-1] / task if runs else self.run_root / task
+        return self.run_root / task
 
     def close(self) -> None:
         self.bar.close()
@@ -127,15 +133,24 @@ class StageConsole:
 
 @contextlib.contextmanager
 def quiet_kfp(log_path: Path, run_root: Path, total: int, *, verbose: bool) -> Iterator[StageConsole | None]:
-    """Route kfp.local's output to `log_path` and show stage lines instead (`verbose`: show everything)."""
+    """Route kfp.local's output to `log_path` and show stage lines instead (`verbose`: show everything).
+    `run_root`: the run's task folders. Log records of this process (kfp.local's cache hits, unisd's own
+    warnings) go the same way, not to the terminal's log handler."""
     if verbose:
         yield None
         return
+    import logging
     import warnings
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
     with open(log_path, "a") as log:
         console = StageConsole(log, sys.stderr, run_root, total)
+        handler = logging.StreamHandler(console)
+        handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
+        saved, saved_level = root.handlers[:], root.level
+        root.handlers = [h for h in saved if isinstance(h, logging.FileHandler)] + [handler]
+        root.setLevel(min(saved_level or logging.WARNING, logging.INFO))
         try:
             with (
                 contextlib.redirect_stdout(console),
@@ -145,6 +160,8 @@ def quiet_kfp(log_path: Path, run_root: Path, total: int, *, verbose: bool) -> I
                 warnings.simplefilter("default")
                 yield console
         finally:
+            root.handlers = saved
+            root.setLevel(saved_level)
             console.close()
 
 

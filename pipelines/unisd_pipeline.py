@@ -1,10 +1,17 @@
 """The UniSD pipeline (KFP v2): wiring only (no `from __future__ import annotations`: KFP reads the
 parameter annotations at definition time).
 
-    resolve config → start MLflow run → prepare → contexts (+ negatives)
+    ExitHandler(end MLflow run) {
+      resolve config → start MLflow run (checks the server first) → prepare → contexts (+ negatives)
       → R rounds of { rollout ×shards (ParallelFor) → merge → score ×shards (ParallelFor) → merge → train }
       → eval per benchmark, base and adapted (ParallelFor) → register (alias challenger) → If(gate): promote
       → report (HTML + Markdown)
+    }
+
+The exit task runs whatever happens inside (a failed stage included): it replays what MLflow missed and
+ends the run FINISHED / FAILED / KILLED with the pipeline's status, so no run is left RUNNING. KFP forbids an
+exit task to depend on other tasks, so it takes the run parameters and finds the run by its tag. Nothing is
+returned from inside the ExitHandler (kfp.local cannot). Every expensive stage runs after the MLflow check.
 
 Rounds are unrolled at compile time (`build_pipeline(rounds=R)`); everything else is a run parameter the
 user sets in the Kubeflow UI. Cluster settings (GPU requests, node selectors, tolerations, shm, timeouts,
@@ -22,6 +29,7 @@ from kfp import dsl
 
 from components.stages import (
     contexts_op,
+    end_tracking_op,
     eval_op,
     merge_shards_op,
     prepare_op,
@@ -142,6 +150,7 @@ def _sandboxed(task, settings: ClusterSettings):
 PLACEMENT: dict[str, tuple[str, ...]] = {
     "resolve-config": (),
     "start-tracking": ("cpu",),
+    "end-tracking": ("cpu",),
     "prepare": ("cpu",),
     "contexts": ("gpu", "sandbox"),
     "shards": (),
@@ -258,6 +267,52 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
     default_config = json.dumps(yaml.safe_load(Path(config_path).read_text()))
     d = defaults
 
+    def body(config_yaml, ui, extra_overrides):
+        """Everything inside the ExitHandler (`ui`: the run parameters as pipeline channels)."""
+        num_shards, benchmarks = ui["num_shards"], ui["benchmarks"]
+        resolved = resolve_config_op(
+            config_yaml=config_yaml, **ui, extra_overrides=extra_overrides, ui_defaults=defaults
+        )
+        place(resolved, "resolve-config", "Resolve config", settings)
+        cfg = resolved.outputs["config"]
+        run = place(
+            start_tracking_op(config=cfg, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER),
+            "start-tracking",
+            "Start MLflow run",
+            settings,
+        )
+        prep = place(prepare_op(config=cfg), "prepare", "Prepare data", settings)
+        prep.after(run)  # MLflow down → the pipeline stops in seconds, before any expensive stage
+        prepared = prep.outputs["prepared"]
+        ctx = place(
+            contexts_op(config=cfg, prepared=prepared), "contexts", "Auxiliary contexts + negatives", settings
+        )
+        shards = place(shard_indices_op(num_shards=num_shards), "shards", "Shards", settings)
+        student = scores = None
+        for r in range(rounds):
+            round_data = dict(config=cfg, prepared=prepared, contexts=ctx.outputs["contexts"])
+            rollouts, scores = distillation_round(
+                r, **round_data, shards=shards, num_shards=num_shards, student=student, settings=settings
+            )
+            tr = train_op(
+                **round_data,
+                rollouts=rollouts.outputs["merged"],
+                scores=scores.outputs["merged"],
+                run_id=run.outputs["run_id"],
+                round_index=r,
+                **({"previous": student} if student is not None else {}),
+            )
+            student = place(tr, "train", f"Distillation training (round {r})", settings).outputs["model"]
+        evaluate_register_report(
+            config=cfg,
+            prepared=prepared,
+            benchmarks=benchmarks,
+            student=student,
+            scores=scores.outputs["merged"],
+            run=run,
+            settings=settings,
+        )
+
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description="Reliability-aware self-distillation (UniSD) with MLflow tracking and gated promotion.",
@@ -288,46 +343,16 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
             registered_model=registered_model,
             promotion_margin=promotion_margin,
         )
-        resolved = resolve_config_op(
-            config_yaml=config_yaml, **ui, extra_overrides=extra_overrides, ui_defaults=defaults
+        end = end_tracking_op(
+            config_yaml=config_yaml,
+            **ui,
+            extra_overrides=extra_overrides,
+            ui_defaults=defaults,
+            pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         )
-        place(resolved, "resolve-config", "Resolve config", settings)
-        cfg = resolved.outputs["config"]
-        run = place(
-            start_tracking_op(config=cfg, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER),
-            "start-tracking",
-            "Start MLflow run",
-            settings,
-        )
-        prep = place(prepare_op(config=cfg), "prepare", "Prepare data", settings)
-        prepared = prep.outputs["prepared"]
-        ctx = place(
-            contexts_op(config=cfg, prepared=prepared), "contexts", "Auxiliary contexts + negatives", settings
-        )
-        shards = place(shard_indices_op(num_shards=num_shards), "shards", "Shards", settings)
-        student = scores = None
-        for r in range(rounds):
-            round_data = dict(config=cfg, prepared=prepared, contexts=ctx.outputs["contexts"])
-            rollouts, scores = distillation_round(
-                r, **round_data, shards=shards, num_shards=num_shards, student=student, settings=settings
-            )
-            tr = train_op(
-                **round_data,
-                rollouts=rollouts.outputs["merged"],
-                scores=scores.outputs["merged"],
-                run_id=run.outputs["run_id"],
-                round_index=r,
-                **({"previous": student} if student is not None else {}),
-            )
-            student = place(tr, "train", f"Distillation training (round {r})", settings).outputs["model"]
-        evaluate_register_report(
-            config=cfg,
-            prepared=prepared,
-            benchmarks=benchmarks,
-            student=student,
-            scores=scores.outputs["merged"],
-            run=run,
-            settings=settings,
-        )
+        end.set_caching_options(False)  # it must run every time, with this attempt's status
+        place(end, "end-tracking", "End MLflow run", settings)
+        with dsl.ExitHandler(end, name="unisd-run"):
+            body(config_yaml, ui, extra_overrides)
 
     return unisd_pipeline

@@ -14,6 +14,7 @@ from unisd.cli import main
 STAGES = [
     "resolve-config-op",
     "start-tracking-op",
+    "end-tracking-op",
     "prepare-op",
     "contexts-op",
     "shard-indices-op",
@@ -26,6 +27,11 @@ STAGES = [
     "promote-op",
     "report-op",
 ]
+
+
+def body_tasks(spec: dict) -> dict:
+    """The DAG inside the ExitHandler (everything but the exit task)."""
+    return spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +47,28 @@ def test_every_stage_is_in_the_dag(compiled):
     for stage in STAGES:
         assert f"comp-{stage}" in spec["components"], stage
     # Two rounds unrolled: rollout / score / train appear once per round.
-    tasks = json.dumps(spec["root"]["dag"]["tasks"])
+    tasks = json.dumps(body_tasks(spec))
     assert tasks.count('"train-op') >= 2 or "train-op-2" in text
+
+
+def test_an_exit_handler_ends_the_mlflow_run_and_mlflow_is_checked_first(compiled):
+    """Every run ends FINISHED / FAILED / KILLED: the whole DAG sits in an ExitHandler whose exit task
+    (uncached, so it runs on every attempt) gets the pipeline's final status. Prepare waits for the MLflow
+    check, so a dead server stops the run before any expensive stage."""
+    _, spec, _ = compiled
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "end-tracking-op"}
+    end = root["end-tracking-op"]
+    assert end["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert end["dependentTasks"] == ["exit-handler-1"]
+    assert end["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert end["cachingOptions"].get("enableCache", False) is False
+    assert "start-tracking-op" in body_tasks(spec)["prepare-op"]["dependentTasks"]
 
 
 def test_parallel_for_fanouts(compiled):
     _, spec, _ = compiled
-    loops = {name: task for name, task in spec["root"]["dag"]["tasks"].items() if "parameterIterator" in task}
+    loops = {name: task for name, task in body_tasks(spec).items() if "parameterIterator" in task}
     names = " ".join(t["taskInfo"]["name"] for t in loops.values())
     assert "rollout-round-0" in names and "score-round-0" in names and "rollout-round-1" in names
     assert "eval-benchmarks" in names
@@ -272,3 +293,21 @@ def test_schedule_sends_cron_and_parameters(kfp_api):
 def test_schedule_rejects_five_field_cron(kfp_api):
     host, _ = kfp_api
     assert main(["schedule", "--host", host, "--cron", "0 2 * * *"]) == 2
+
+
+def test_the_failed_components_error_is_found_in_the_run_log():
+    from pipelines.cli import failure_line
+
+    log = (
+        "\x1b[96m'prepare-op'\x1b[0m\n"
+        "            Traceback (most recent call last):\n"
+        '              File "x.py", line 3, in run\n'
+        "                raise ValueError(\n"
+        "            ValueError: no training items left after the length limits (4 dropped); see report\n"
+        "    Task 'prepare-op' finished with status FAILURE\n"
+    )
+    assert failure_line(log) == (
+        "ValueError",
+        "no training items left after the length limits (4 dropped); see report",
+    )
+    assert failure_line("no traceback here") is None

@@ -391,10 +391,11 @@ def test_pooled_item_scores_keys_by_benchmark():
 
 def test_retry_succeeds_when_the_server_comes_back_late(server, tmp_path, caplog):
     """Stop the session's server, start a call, bring the server back on the same port a moment later:
-    the call must get through by retrying, and what was logged before the restart is still there."""
+    the call must get through by retrying, and what was logged before the restart is still there. The
+    budget is a time (retry_for_s), not a count: a loaded machine restarts the server in 10-50 s."""
     cfg = TrackingConfig(
-        tracking_uri=server.uri, experiment="late", registered_model="late-model", retries=15, backoff_s=0.5,
-        max_backoff_s=3,
+        tracking_uri=server.uri, experiment="late", registered_model="late-model", retry_for_s=180,
+        backoff_s=0.5, max_backoff_s=3,
     )  # fmt: skip
     before = tracking.start_run(cfg, run_name="before-restart")
     server.stop()
@@ -458,3 +459,157 @@ def test_sqlite_file_store(tmp_path, monkeypatch):
     assert tracking.current_champion(cfg) == version
     assert tracking.champion_item_scores(cfg) == scores([1.0] * 6)
     assert [v for _, v in tracking.get_metric_history(cfg, run_id, "kd_loss")] == [1.5, 0.75]
+
+
+# --------------------------------------------------------------------------------------------------
+# a server that blinks: probe, outbox, replay, finish
+
+
+@pytest.fixture(scope="module")
+def blinking(tmp_path_factory):
+    """A server of its own (the tests stop and restart it; the session server stays up)."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-blinking")).start() as srv:
+        yield srv
+
+
+def _outbox_cfg(server: MlflowServer, tmp_path: Path, name: str) -> TrackingConfig:
+    return TrackingConfig(
+        tracking_uri=server.uri,
+        experiment=f"blink-{name}",
+        registered_model=f"blink-{name}",
+        retry_for_s=3,
+        backoff_s=0.5,
+        probe_timeout_s=2,
+        outbox=str(tmp_path / "mlflow-outbox.jsonl"),
+    )
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_probe_fails_in_seconds_with_one_line():
+    cfg = TrackingConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", probe_timeout_s=3)
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailableError) as err:
+        tracking.probe(cfg)
+    seconds = time.monotonic() - started
+    message = str(err.value)
+    print(f"probe gave up after {seconds:.1f}s: {message}")
+    assert "\n" not in message and cfg.tracking_uri in message and "connection refused" in message
+    assert "start it" in message and seconds < 10
+    assert not tracking.reachable(cfg)
+
+
+def test_probe_passes_for_a_running_server_and_a_writable_sqlite_folder(server, tmp_path):
+    tracking.probe(TrackingConfig(tracking_uri=server.uri))
+    tracking.probe(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/new/dir/mlflow.db"))
+    assert (tmp_path / "new" / "dir").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrackingUnavailableError, match="cannot create"):
+        tracking.probe(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/file/mlflow.db"))
+
+
+def test_outbox_keeps_what_a_dead_server_missed_and_sync_replays_it(blinking, tmp_path):
+    """Real server killed mid-run: every logging call lands in the outbox (the first after its retries,
+    the rest after a short probe), nothing raises; restarted, one sync replays all of it in order and the
+    run ends FINISHED at the time the run really ended."""
+    cfg = _outbox_cfg(blinking, tmp_path, "sync")
+    outbox = Path(cfg.outbox)
+    run_id = tracking.start_run(cfg, run_name="blink", params={"preset": "sd"})
+    rows = metrics_rows(4)
+    tracking.log_step_metrics(cfg, run_id, rows[:2])  # live
+    blinking.stop()
+    started = time.monotonic()
+    assert tracking.log_step_metrics(cfg, run_id, rows[2:]) == 2 * 12  # buffered, not raised
+    first = time.monotonic() - started
+    results = {
+        "aggregate": {"benchmark": "mbpp", "role": "adapted", "items": 2, "score": 0.5},
+        "per_item": [{"id": "a", "score": 1.0}, {"id": "b", "score": 0.0}],
+    }
+    started = time.monotonic()
+    tracking.log_eval(cfg, run_id, results)
+    tracking.set_tags(cfg, run_id, {"stage": "eval"})
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.md").write_text("# report")
+    tracking.log_artifacts(cfg, run_id, tmp_path / "report", "report")
+    ended = tracking.finish_run(cfg, run_id, "FINISHED")
+    later = time.monotonic() - started
+    print(f"first buffered call {first:.1f}s (its retries), 6 later calls {later:.1f}s together")
+    assert ended["ended"] is False and ended["pending"] == len(_records(outbox))
+    ops = [r["op"] for r in _records(outbox)]
+    assert ops[0] == "log_batch" and ops[-1] == "set_terminated" and "log_artifacts" in ops
+    assert first >= 2 and later < 6 * cfg.probe_timeout_s + 5
+
+    blinking.start()
+    summary = tracking.sync_outbox(outbox)
+    print("sync:", summary)
+    assert summary["replayed"] == len(ops) and summary["remaining"] == 0 and summary["failed"] == 0
+    assert _records(outbox) == [] and len(_records(outbox.with_name("mlflow-outbox.done.jsonl"))) == len(ops)
+    mlflow = client(cfg)
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert (
+        run.info.end_time
+        == next(
+            r for r in _records(outbox.with_name("mlflow-outbox.done.jsonl")) if r["op"] == "set_terminated"
+        )["end_time"]
+    )
+    assert [s for s, _ in tracking.get_metric_history(cfg, run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.metrics["eval/mbpp/adapted/score"] == 0.5 and run.data.tags["stage"] == "eval"
+    assert [f.path for f in mlflow.list_artifacts(run_id, "report")] == ["report/report.md"]
+    assert tracking.sync_outbox(outbox)["replayed"] == 0  # nothing left: a second sync is harmless
+
+
+def test_finish_run_replays_first_when_the_server_is_back(blinking, tmp_path):
+    cfg = _outbox_cfg(blinking, tmp_path, "finish")
+    run_id = tracking.start_run(cfg, run_name="blink-finish")
+    blinking.stop()
+    tracking.log_step_metrics(cfg, run_id, metrics_rows(3))
+    assert tracking.outbox_pending(cfg.outbox) == 1
+    blinking.start()
+    ended = tracking.finish_run(cfg, run_id, "FINISHED")
+    assert ended == {"status": "FINISHED", "ended": True, "pending": 0, "outbox": cfg.outbox}
+    assert client(cfg).get_run(run_id).info.status == "FINISHED"
+    assert [s for s, _ in tracking.get_metric_history(cfg, run_id, "kd_loss")] == [1, 2, 3]
+    # a resumed pipeline reopens its run; its exit step ends it again
+    assert tracking.reopen_run(cfg, run_id) == "FINISHED" and tracking.run_status(cfg, run_id) == "RUNNING"
+    tracking.finish_run(cfg, run_id, "KILLED")
+    assert tracking.run_status(cfg, run_id) == "KILLED"
+
+
+def test_without_an_outbox_an_unreachable_server_still_raises(tmp_path, monkeypatch):
+    monkeypatch.delenv("UNISD_RUN_DIR", raising=False)
+    cfg = TrackingConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", retries=1, backoff_s=0.1)
+    with pytest.raises(TrackingUnavailableError):
+        tracking.log_step_metrics(cfg, "0" * 32, metrics_rows(1))
+    monkeypatch.setenv("UNISD_RUN_DIR", str(tmp_path))  # what `unisd run` sets for its components
+    assert tracking.outbox_path(cfg) == tmp_path / "mlflow-outbox.jsonl"
+    tracking.log_step_metrics(cfg, "0" * 32, metrics_rows(1))
+    assert tracking.outbox_pending(tmp_path / "mlflow-outbox.jsonl") == 1
+
+
+def test_outbox_ignores_a_torn_last_line_and_keeps_refused_calls_apart(server, tmp_path):
+    cfg = TrackingConfig(tracking_uri=server.uri, experiment="torn", retries=0)
+    run_id = tracking.start_run(cfg, run_name="torn")
+    outbox = tmp_path / "mlflow-outbox.jsonl"
+    good = {
+        "op": "log_batch",
+        "run_id": run_id,
+        "metrics": [["loss", 1.0, 1, 1]],
+        "uri": server.uri,
+        "what": "m",
+    }
+    refused = {
+        "op": "log_batch",
+        "run_id": "f" * 32,
+        "metrics": [["loss", 1.0, 1, 1]],
+        "uri": server.uri,
+        "what": "x",
+    }
+    outbox.write_text(json.dumps(good) + "\n" + json.dumps(refused) + "\n" + '{"op": "log_ba')
+    assert tracking.outbox_pending(outbox) == 2
+    summary = tracking.sync_outbox(outbox)
+    assert summary["replayed"] == 1 and summary["failed"] == 1 and "x:" in summary["errors"][0]
+    assert json.loads((tmp_path / "mlflow-outbox.failed.jsonl").read_text())["replay_error"]
+    assert tracking.get_metric_history(cfg, run_id, "loss") == [(1, 1.0)]

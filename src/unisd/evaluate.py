@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from unisd.artifacts import (
@@ -50,23 +50,34 @@ log = logging.getLogger(__name__)
 
 
 class EvalConfig(StrictModel):
-    limit: int | None = None  # items per benchmark (a prefix of the held-out split, which is already seeded)
-    max_new_tokens: int = 512
-    batch_size: int = 8
+    # items per benchmark (a prefix of the held-out split, which is already seeded); None = all
+    limit: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    batch_size: int = Field(8, ge=1)
     decode: Literal["hf", "pruned"] = (
         "hf"  # unisd.rollout.generate: "pruned" drops finished rows from the batch
     )
     num_samples: int = Field(1, ge=1)  # n for pass@k; 1 = greedy pass@1
-    sample_temperature: float = 0.8
-    pass_k: list[int] = [1]
-    sandbox_timeout_s: float = 10.0
-    sandbox_memory_mb: int = 1024
-    sandbox_workers: int | None = None
+    sample_temperature: float = Field(0.8, ge=0.0)
+    pass_k: list[int] = Field([1], min_length=1)  # each k in 1..num_samples
+    sandbox_timeout_s: float = Field(10.0, gt=0.0)
+    sandbox_memory_mb: int = Field(1024, ge=1)
+    sandbox_workers: int | None = Field(None, ge=1)  # None = one per core
     retention: bool = True
     retention_reverse: bool = True  # also greedy-decode the base model to score log p_ft(y_base) (slower)
     reference_fit: bool = True
     bootstrap_samples: int = Field(1000, ge=100)  # fewer makes the 95% interval ends noise
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _pass_k_within_samples(self):
+        bad = [k for k in self.pass_k if not 1 <= k <= self.num_samples]
+        if bad:
+            raise ValueError(
+                f"pass_k {self.pass_k}: pass@k needs 1 <= k <= num_samples ({self.num_samples}); "
+                f"{bad} cannot be estimated: raise eval.num_samples to {max(bad)} or drop them"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------------

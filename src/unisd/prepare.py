@@ -10,6 +10,8 @@ import logging
 import random
 from pathlib import Path
 
+from pydantic import Field
+
 from unisd.artifacts import begin_stage, hash_files, write_jsonl, write_text
 from unisd.config import StrictModel
 from unisd.data import (
@@ -26,17 +28,19 @@ log = logging.getLogger(__name__)
 
 
 class PrepareConfig(StrictModel):
-    benchmarks: list[str] = ["mbpp"]
+    benchmarks: list[str] = Field(["mbpp"], min_length=1)  # what is trained on: at least one
     eval_only: list[str] = []  # held-out benchmarks never trained on (transfer), e.g. [gpqa, humaneval]
-    train_split: str = "train"
-    eval_split: str = "auto"  # "test" where it has labels, else "validation" (CommonsenseQA)
-    train_limit: int | None = None  # per benchmark; a seeded sample when set
-    eval_limit: int | None = None
-    max_prompt_tokens: int = 3072
-    max_teacher_prompt_tokens: int = 4096
+    train_split: str = Field("train", min_length=1)
+    eval_split: str = Field("auto", min_length=1)  # "test" where it has labels, else "validation" (CQA)
+    train_limit: int | None = Field(None, ge=1)  # per benchmark; a seeded sample when set; None = all
+    eval_limit: int | None = Field(None, ge=1)  # None = all
+    max_prompt_tokens: int = Field(3072, ge=1)
+    max_teacher_prompt_tokens: int = Field(4096, ge=1)
     data_dir: str | None = None
-    seed: int = 0  # the training sample (train_limit)
-    eval_seed: int | None = None  # the held-out sample (eval_limit); None = seed. Fix it to compare seeds.
+    seed: int = Field(0, ge=0)  # the training sample (train_limit)
+    eval_seed: int | None = Field(
+        None, ge=0
+    )  # the held-out sample (eval_limit); None = seed. Fix it to compare seeds.
 
     def model_post_init(self, _context) -> None:
         unknown = [b for b in [*self.benchmarks, *self.eval_only] if b not in BENCHMARK_SPECS]

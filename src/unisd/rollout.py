@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from unisd.artifacts import begin_stage, read_jsonl, read_partial_jsonl, write_jsonl, write_text
@@ -41,15 +42,21 @@ class RolloutConfig(StrictModel):
     backend: Literal["auto", "hf", "vllm"] = "auto"
     # HF-model decode loop: "hf" = model.generate; "pruned" = finished rows leave the batch (generate_pruned)
     decode: Literal["hf", "pruned"] = "hf"
-    max_new_tokens: int = 256
-    temperature: float = 0.7  # the reference trains with T_r = 0.7, top_p = 1
-    top_p: float = 1.0
-    batch_size: int = 8
-    seed: int = 0
-    num_shards: int = 1
-    shard_index: int = 0
-    vllm_gpu_memory_utilization: float = 0.45  # leaves room for the colocated trainer
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.7, ge=0.0)  # 0 = greedy; the reference trains with T_r = 0.7, top_p = 1
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1)
+    seed: int = Field(0, ge=0)
+    num_shards: int = Field(1, ge=1)
+    shard_index: int = Field(0, ge=0)
+    vllm_gpu_memory_utilization: float = Field(0.45, gt=0.0, le=1.0)  # leaves room for the colocated trainer
     vllm_enable_sleep_mode: bool = True
+
+    @model_validator(mode="after")
+    def _shard_in_range(self):
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
+        return self
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from unisd.config import ConfigError, StrictModel, load_config
+from unisd.config import ConfigError, StrictModel, check_model_spec, load_config
 from unisd.contexts import ContextsConfig
 from unisd.evaluate import EvalConfig
 from unisd.objective import PRESETS, ObjectiveConfig, preset
@@ -33,12 +33,12 @@ CONFIG_DIR = REPO_ROOT / "configs"
 class PipelineSettings(StrictModel):
     rounds: int = Field(1, ge=1)  # staged rounds of rollout → score → train
     shards: int = Field(1, ge=1)  # ParallelFor fan-out of rollout and scoring
-    pipeline_root: str = "runs/kfp"
+    pipeline_root: str = Field("runs/kfp", min_length=1)  # local runs: one folder per run under it
 
 
 class RunConfig(StrictModel):
-    model: str = "smollm2-135m-instruct"
-    preset: str = "unisd_star"
+    model: str = Field("smollm2-135m-instruct", min_length=1)
+    preset: str = Field("unisd_star", min_length=1)
     objective: dict[str, Any] = {}
     prepare: PrepareConfig = PrepareConfig()
     contexts: ContextsConfig = ContextsConfig()
@@ -67,8 +67,14 @@ class RunConfig(StrictModel):
         return obj.uses_views or obj.uses_negative
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """RunConfig from a YAML file (default: configs/demo.yaml) plus `key.sub=value` overrides."""
+def load_run_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True
+) -> RunConfig:
+    """RunConfig from a YAML file (default: configs/demo.yaml) plus `key.sub=value` overrides. Every field
+    is range-checked here, and (check_paths) the model spec too, before anything is loaded; submit /
+    schedule skip the path check (a cluster path need not exist on this machine)."""
     cfg = load_config(RunConfig, path, overrides)
     cfg.objective_config()  # fail early on a bad preset or override
+    if check_paths:
+        check_model_spec(cfg.model)
     return cfg

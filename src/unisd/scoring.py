@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -47,15 +48,23 @@ log = logging.getLogger(__name__)
 
 
 class ScoringConfig(StrictModel):
-    batch_size: int = 8  # rows (item × view) per forward
-    chunk_size: int = 1024  # completion tokens per LM-head chunk
-    budget: float = 1.0  # fraction of completions that get the K-view re-scoring
+    batch_size: int = Field(8, ge=1)  # rows (item × view) per forward
+    chunk_size: int = Field(1024, ge=1)  # completion tokens per LM-head chunk
+    budget: float = Field(1.0, gt=0.0, le=1.0)  # fraction of completions that get the K-view re-scoring
     uncertainty: Literal["teacher_entropy", "divergence"] = "teacher_entropy"
     prefix_cache: bool = True
-    min_shared_prefix: int = 16  # tokens; shorter shared prefixes are not worth a separate pass
-    staleness_items: int = 16  # items per shard whose student log-probs are compared with the rollout's
-    num_shards: int = 1
-    shard_index: int = 0
+    min_shared_prefix: int = Field(16, ge=1)  # tokens; shorter shared prefixes are not worth a separate pass
+    staleness_items: int = Field(
+        16, ge=0
+    )  # items per shard whose student log-probs are compared with the rollout's
+    num_shards: int = Field(1, ge=1)
+    shard_index: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _shard_in_range(self):
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
+        return self
 
 
 @torch.no_grad()

@@ -2,12 +2,34 @@
 
 Every MLflow call goes through `_call`, a retry with exponential backoff: a tracking server that is
 down, restarting or overloaded (connection refused, timeouts, 5xx/429, a locked sqlite file) is
-retried `retries` times, sleeping backoff_s, 2·backoff_s, 4·backoff_s, … (each capped at
-max_backoff_s); after that a `TrackingUnavailableError` names the URI. Errors that retrying cannot fix
-(a bad metric name, a missing model version) are raised at once. MLflow's own HTTP retries (7 with
-backoff, ≈4 min) are switched off unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES, so the one
-budget here is the only one. A retried call that had already reached the server may happen twice
-(e.g. two model versions); the logging calls here are written to be harmless when repeated.
+retried for `retry_for_s` seconds (default 5 minutes; `retries` caps the number of retries when set),
+sleeping backoff_s, 2·backoff_s, 4·backoff_s, … (each capped at max_backoff_s); after that a
+`TrackingUnavailableError` names the URI. Errors that retrying cannot fix (a bad metric name, a missing
+model version) are raised at once. MLflow's own HTTP retries (7 with backoff, ≈4 min) are switched off
+unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES, so the one budget here is the only one. A retried
+call that had already reached the server may happen twice (e.g. two model versions); the logging calls
+here are written to be harmless when repeated.
+
+A server that blinks during a run loses nothing:
+
+    probe(cfg)              before any expensive stage: is the server there? Fails in seconds
+                            (probe_timeout_s) with one line naming the URI, instead of minutes later
+    the outbox              when a logging call (metrics, params, tags, artifacts, end_run) still fails
+                            after its retries, the call is appended to a JSONL outbox instead of
+                            failing the stage: `cfg.outbox`, else `$UNISD_RUN_DIR/mlflow-outbox.jsonl`
+                            (`unisd run` sets UNISD_RUN_DIR for its components); without either, the
+                            error is raised as before. Once the outbox holds a call, later calls of the
+                            run try only for probe_timeout_s before joining it (the server was already
+                            found down: no minutes of waiting per call)
+    run_or_defer            a whole step that needs the server (register + gate) is recorded as one
+                            replayable call when the server is unreachable
+    sync_outbox             replays the outbox in order (`unisd tracking sync RUN_DIR`); replayed
+                            calls move to mlflow-outbox.done.jsonl, calls MLflow refuses to
+                            mlflow-outbox.failed.jsonl (with the reason); replaying twice is harmless
+    finish_run              the pipeline's exit step: replay what is pending, then end the run
+                            FINISHED / FAILED / KILLED (with its real end time); while calls are still
+                            pending, the end itself is queued behind them, so MLflow never shows a
+                            FINISHED run that lacks metrics
 
 Registry and promotion (aliases + tags; MLflow stages are deprecated):
 
@@ -34,6 +56,7 @@ written '_at_' and any other character MLflow rejects becomes '_'.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -41,7 +64,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,9 +105,16 @@ class TrackingConfig(StrictModel):
     promotion_min_items: int = Field(5, ge=1)  # fewer shared items than this: no decision, no promotion
     promotion_confidence: float = Field(0.95, gt=0, lt=1)
     promotion_resamples: int = Field(2000, ge=100)
-    retries: int = Field(5, ge=0)
+    retries: int | None = Field(None, ge=0)  # cap on retries per call; None = until retry_for_s is spent
+    retry_for_s: float = Field(300.0, ge=0)  # how long one call keeps retrying a server that is down
     backoff_s: float = Field(1.0, gt=0)
     max_backoff_s: float = Field(30.0, gt=0)
+    probe_timeout_s: float = Field(
+        10.0, gt=0
+    )  # the check before a run; also the wait once the outbox is in use
+    # JSONL file for calls that failed after every retry (replayed by `unisd tracking sync`);
+    # None = $UNISD_RUN_DIR/mlflow-outbox.jsonl when that is set, else no outbox (errors are raised)
+    outbox: str | None = None
 
     @field_validator("tracking_uri")
     @classmethod
@@ -170,35 +201,64 @@ def _client(cfg: TrackingConfig):
     return MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)
 
 
-def _call(cfg: TrackingConfig, what: str, fn: Callable[[Any], T]) -> T:
-    """fn(client) with retries on transient failures; then TrackingUnavailableError naming the URI."""
+def _call(
+    cfg: TrackingConfig,
+    what: str,
+    fn: Callable[[Any], T],
+    *,
+    defer: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+) -> T | None:
+    """fn(client) with retries on transient failures; then TrackingUnavailableError naming the URI.
+
+    `defer`: the outbox record of this call (a dict, or a function making it). With an outbox in use (see
+    module docstring) an unreachable server does not raise: the record is appended and None returned."""
+    outbox = _deferral_target(cfg) if defer is not None else None
+    budget = cfg.retry_for_s
+    if outbox is not None and outbox_pending(outbox):
+        budget = min(budget, cfg.probe_timeout_s)  # already found down in this run: don't wait minutes
+    try:
+        return _retrying(cfg, what, fn, budget)
+    except TrackingUnavailableError as err:
+        if outbox is None:
+            raise
+        record = defer() if callable(defer) else defer
+        _append_outbox(outbox, cfg, what, dict(record), err)
+        log.warning("MLflow unreachable: %s buffered in %s (replay: unisd tracking sync)", what, outbox)
+        return None
+
+
+def _retrying(cfg: TrackingConfig, what: str, fn: Callable[[Any], T], budget_s: float) -> T:
     started = time.monotonic()
     delay = cfg.backoff_s
     last: BaseException | None = None
-    for attempt in range(cfg.retries + 1):
+    attempt = 0
+    while True:
         try:
             return fn(_client(cfg))
         except Exception as err:
             if not is_transient(err):
                 raise
             last = err
-            if attempt == cfg.retries:
+            attempt += 1
+            remaining = budget_s - (time.monotonic() - started)
+            pause = min(delay, cfg.max_backoff_s, remaining)
+            out_of_retries = cfg.retries is not None and attempt > cfg.retries
+            if out_of_retries or remaining <= 0:
                 break
-            pause = min(delay, cfg.max_backoff_s)
             log.warning(
-                "MLflow at %s: %s failed (attempt %d/%d): %s; retrying in %.1fs",
+                "MLflow at %s: %s failed (attempt %d%s): %s; retrying in %.1fs",
                 cfg.tracking_uri,
                 what,
-                attempt + 1,
-                cfg.retries + 1,
+                attempt,
+                f"/{cfg.retries + 1}" if cfg.retries is not None else f", retrying for {budget_s:.0f}s",
                 _first_line(err),
                 pause,
             )
             time.sleep(pause)
             delay *= 2
     raise TrackingUnavailableError(
-        f"MLflow tracking at {cfg.tracking_uri} is unreachable: {what} failed {attempt + 1} time(s) "
-        f"over {time.monotonic() - started:.1f}s (retries={cfg.retries}, backoff_s={cfg.backoff_s}). "
+        f"MLflow tracking at {cfg.tracking_uri} is unreachable: {what} failed {attempt} time(s) "
+        f"over {time.monotonic() - started:.1f}s (retry_for_s={budget_s:g}, retries={cfg.retries}). "
         f"Is the tracking server running and is tracking.tracking_uri right? Last error: {_first_line(last)}"
     ) from last
 
@@ -206,6 +266,387 @@ def _call(cfg: TrackingConfig, what: str, fn: Callable[[Any], T]) -> T:
 def _first_line(err: BaseException | None) -> str:
     text = str(err).strip().splitlines()
     return text[0][:400] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------
+# probing the server
+
+
+def probe(cfg: TrackingConfig) -> None:
+    """Is the tracking store usable right now? Raises TrackingUnavailableError (one line: the URI, what
+    failed, what to do) within about `probe_timeout_s`. http(s): GET /health and one API call (a server
+    that answers 401/403 fails too); sqlite: its folder can be created and written."""
+    uri = cfg.tracking_uri
+    db = _sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingUnavailableError(
+                f"MLflow tracking at {uri}: cannot create {db.parent} ({err.strerror}); "
+                "set tracking.tracking_uri to a writable sqlite path or a server"
+            ) from None
+        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise TrackingUnavailableError(
+                f"MLflow tracking at {uri}: {db if db.exists() else db.parent} is not writable; "
+                "set tracking.tracking_uri to a writable sqlite path or a server"
+            )
+        return
+    if not uri.startswith(("http://", "https://")):
+        return  # other stores (databricks, file:) are checked by their first call
+    import requests
+
+    started = time.monotonic()
+    reason, attempts = "", 0
+    auth = None
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+    headers = {}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    while True:
+        attempts += 1
+        left = cfg.probe_timeout_s - (time.monotonic() - started)
+        try:
+            health = requests.get(f"{uri.rstrip('/')}/health", timeout=max(1.0, min(5.0, left)))
+            if health.status_code == 200:
+                api = requests.get(
+                    f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+                    params={"max_results": 1},
+                    auth=auth,
+                    headers=headers,
+                    timeout=max(1.0, min(10.0, left)),
+                )
+                if api.status_code == 200:
+                    return
+                if api.status_code in (401, 403):
+                    raise TrackingUnavailableError(
+                        f"MLflow tracking server {uri} refuses requests ({api.status_code} {api.reason}): "
+                        "check MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN, and the server's --allowed-hosts"
+                    )
+                reason = f"its API answers {api.status_code} {api.reason}"
+            else:
+                reason = f"/health answers {health.status_code} {health.reason}"
+        except requests.exceptions.RequestException as err:
+            reason = _connection_reason(err)
+        if time.monotonic() - started + 1.0 > cfg.probe_timeout_s:
+            break
+        time.sleep(1.0)
+    raise TrackingUnavailableError(
+        f"MLflow tracking server {uri} is not reachable ({reason}; {attempts} tries over "
+        f"{time.monotonic() - started:.0f}s): start it (mlflow server --backend-store-uri ... --port ...) "
+        "or set tracking.tracking_uri to a running server"
+    )
+
+
+def reachable(cfg: TrackingConfig) -> bool:
+    try:
+        probe(cfg)
+    except TrackingUnavailableError:
+        return False
+    return True
+
+
+def _connection_reason(err: BaseException) -> str:
+    text = str(err)
+    for needle, reason in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "unknown host"),
+        ("nodename nor servname", "unknown host"),
+        ("timed out", "timed out"),
+        ("Connection reset", "connection reset"),
+    ):
+        if needle in text:
+            return reason
+    return _first_line(err)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the outbox: calls that could not be made, kept for later
+
+
+OUTBOX_NAME = "mlflow-outbox.jsonl"
+RUN_DIR_ENV = "UNISD_RUN_DIR"
+_deferral_enabled: ContextVar[bool] = ContextVar("unisd_tracking_deferral", default=True)
+
+
+def outbox_path(cfg: TrackingConfig) -> Path | None:
+    """The outbox file in use: cfg.outbox, else $UNISD_RUN_DIR/mlflow-outbox.jsonl, else None."""
+    if cfg.outbox:
+        return Path(cfg.outbox)
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    return Path(run_dir) / OUTBOX_NAME if run_dir else None
+
+
+def _deferral_target(cfg: TrackingConfig) -> Path | None:
+    return outbox_path(cfg) if _deferral_enabled.get() else None
+
+
+def outbox_pending(path: str | Path | None) -> int:
+    """How many calls wait in the outbox (0 when there is none)."""
+    if path is None or not Path(path).exists():
+        return 0
+    return len(_read_records(Path(path)))
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _append_outbox(path: Path, cfg: TrackingConfig, what: str, record: dict, err: BaseException) -> None:
+    import uuid
+
+    entry = {
+        "v": 1,
+        "id": uuid.uuid4().hex,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "uri": cfg.tracking_uri,
+        "what": what,
+        "error": _first_line(err),
+        **record,
+    }
+    line = json.dumps(entry, default=str, allow_nan=True) + "\n"
+    with _locked(path), open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The outbox's records; a torn last line (a process killed mid-append) is ignored."""
+    records = []
+    lines = path.read_text().split("\n")
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno < len(lines) - 1 or lines[-1] == "":
+                raise ValueError(f"{path}, line {lineno}: not a JSON record; the outbox is damaged") from None
+            log.warning("%s: ignoring a torn last line (an interrupted append)", path)
+    return records
+
+
+def defer_call(cfg: TrackingConfig, what: str, record: Mapping[str, Any], reason: str) -> Path:
+    """Queue `record` in the outbox without trying the server (the server is known to be down, or
+    earlier calls are still queued and this one must come after them)."""
+    path = outbox_path(cfg)
+    if path is None:
+        raise TrackingUnavailableError(f"{what}: {reason}, and no outbox is set (tracking.outbox)")
+    _append_outbox(path, cfg, what, dict(record), TrackingUnavailableError(reason))
+    return path
+
+
+def run_or_defer(cfg: TrackingConfig, what: str, fn: Callable[[], T], record: Mapping[str, Any]) -> T | None:
+    """fn() as one unit that needs the tracking server (e.g. register + gate): its own calls are not
+    buffered one by one. When the server is unreachable (a quick probe once calls are already queued,
+    else fn's own retries), `record` is queued and None returned; without an outbox, the error is raised."""
+    path = outbox_path(cfg)
+    if path is not None and outbox_pending(path) and not reachable(cfg):
+        defer_call(cfg, what, record, f"MLflow at {cfg.tracking_uri} is still unreachable")
+        return None
+    token = _deferral_enabled.set(False)
+    try:
+        return fn()
+    except TrackingUnavailableError as err:
+        if path is None:
+            raise
+        _append_outbox(path, cfg, what, dict(record), err)
+        log.warning("MLflow unreachable: %s queued in %s (replay: unisd tracking sync)", what, path)
+        return None
+    finally:
+        _deferral_enabled.reset(token)
+
+
+def sync_outbox(
+    path: str | Path,
+    *,
+    tracking_uri: str | None = None,
+    retry_for_s: float = 60.0,
+) -> dict[str, Any]:
+    """Replay the outbox at `path` in order. Stops at the first call the server still cannot take (it and
+    the rest stay queued); a call MLflow refuses for good goes to <outbox>.failed.jsonl with the reason.
+    `tracking_uri` replaces the URI recorded with each call (a server that moved).
+    Returns {"replayed", "remaining", "failed", "errors", "runs"}."""
+    path = Path(path)
+    done_path = path.with_name(path.name.replace(".jsonl", "") + ".done.jsonl")
+    failed_path = path.with_name(path.name.replace(".jsonl", "") + ".failed.jsonl")
+    summary: dict[str, Any] = {"replayed": 0, "remaining": 0, "failed": 0, "errors": [], "runs": []}
+    if not path.exists():
+        return summary
+    with _locked(path):
+        records = _read_records(path)
+        remaining: list[dict] = []
+        done: list[dict] = []
+        failed: list[dict] = []
+        for index, record in enumerate(records):
+            cfg = TrackingConfig(
+                tracking_uri=tracking_uri or record["uri"], retry_for_s=retry_for_s, outbox=None
+            )
+            token = _deferral_enabled.set(False)
+            try:
+                _replay(cfg, record)
+            except TrackingUnavailableError as err:
+                remaining = records[index:]
+                summary["errors"].append(_first_line(err))
+                break
+            except Exception as err:  # refused for good: keep it, with the reason, out of the queue
+                failed.append(record | {"replay_error": f"{type(err).__name__}: {_first_line(err)}"})
+                summary["errors"].append(f"{record.get('what')}: {type(err).__name__}: {_first_line(err)}")
+            else:
+                done.append(record)
+                if record.get("run_id") and record["run_id"] not in summary["runs"]:
+                    summary["runs"].append(record["run_id"])
+            finally:
+                _deferral_enabled.reset(token)
+        for target, rows in ((done_path, done), (failed_path, failed)):
+            if rows:
+                with open(target, "a") as f:
+                    f.writelines(json.dumps(r, default=str, allow_nan=True) + "\n" for r in rows)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, default=str, allow_nan=True) + "\n" for r in remaining))
+        os.replace(tmp, path)
+    summary.update(replayed=len(done), remaining=len(remaining), failed=len(failed))
+    return summary
+
+
+def _replay(cfg: TrackingConfig, record: Mapping[str, Any]) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    op, run_id = record["op"], record.get("run_id")
+    if op == "log_batch":
+        metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in record.get("metrics", [])]
+        params = [Param(k, v) for k, v in record.get("params", [])]
+        tags = [RunTag(k, v) for k, v in record.get("tags", [])]
+        _retrying(
+            cfg,
+            f"replay {record['what']}",
+            lambda c: c.log_batch(run_id, metrics=metrics, params=params, tags=tags),
+            cfg.retry_for_s,
+        )
+    elif op == "log_text":
+        _retrying(
+            cfg,
+            f"replay {record['what']}",
+            lambda c: c.log_text(run_id, record["text"], record["artifact_file"]),
+            cfg.retry_for_s,
+        )
+    elif op == "log_artifacts":
+        local = Path(record["local_path"])
+        if not local.exists():
+            raise FileNotFoundError(f"{local} is gone: cannot upload it to run {run_id}")
+        log_artifacts(cfg, run_id, local, record.get("artifact_path"))
+    elif op == "register_table":
+        _register_table(cfg, run_id, record["artifact_file"])
+    elif op == "set_terminated":
+        _retrying(
+            cfg,
+            f"replay {record['what']}",
+            lambda c: c.set_terminated(run_id, status=record["status"], end_time=record.get("end_time")),
+            cfg.retry_for_s,
+        )
+    elif op == "register_and_gate":
+        _replay_register_and_gate(cfg, record)
+    else:
+        raise ValueError(f"unknown outbox operation {op!r}")
+
+
+def _replay_register_and_gate(cfg: TrackingConfig, record: Mapping[str, Any]) -> None:
+    """The register step of a pipeline run that found MLflow down: register, gate, and promote when the
+    gate says so (what the pipeline's If(gate) would have done)."""
+    from unisd import pipeline_steps
+
+    run_cfg = pipeline_steps.parse_config(record["config_yaml"])
+    run_cfg = run_cfg.model_copy(
+        update={
+            "tracking": run_cfg.tracking.model_copy(update={"tracking_uri": cfg.tracking_uri, "outbox": None})
+        }
+    )
+    original_sha = pipeline_steps.git_sha
+    if record.get("git_sha"):  # the lineage is the run's, not that of the checkout running the sync
+        pipeline_steps.git_sha = lambda: record["git_sha"]
+    try:
+        decision = pipeline_steps.register_and_gate(
+            run_cfg,
+            record["run_id"],
+            record["model_dir"],
+            record["eval_dirs"],
+            record["prepared_dir"],
+            record["pipeline_run"],
+        )
+    finally:
+        pipeline_steps.git_sha = original_sha
+    if record.get("promote_if_better") and decision["promote"]:
+        pipeline_steps.promote(run_cfg, decision["version"])
+    log.info("replayed register + gate: version %s, promote=%s", decision["version"], decision["promote"])
+
+
+def finish_run(cfg: TrackingConfig, run_id: str, status: str = "FINISHED") -> dict[str, Any]:
+    """End the run (the pipeline's exit step): first replay whatever is queued in the outbox, then mark the
+    run `status` with this moment as its end time. If calls are still queued (the server is down), the end
+    is queued behind them. Returns {"status", "ended": bool, "pending": int, "outbox": path or None}."""
+    path = outbox_path(cfg)
+    end_time = _now_ms()
+    record = {"op": "set_terminated", "run_id": run_id, "status": status, "end_time": end_time}
+    if path is not None and outbox_pending(path):
+        if reachable(cfg):
+            sync_outbox(path, retry_for_s=cfg.retry_for_s)
+        if outbox_pending(path):
+            defer_call(cfg, f"end run {run_id} ({status})", record, "earlier calls are still queued")
+            return {"status": status, "ended": False, "pending": outbox_pending(path), "outbox": str(path)}
+    ended = _call(
+        cfg,
+        f"end run {run_id} ({status})",
+        lambda c: c.set_terminated(run_id, status=status, end_time=end_time) or True,
+        defer=record,
+    )
+    pending = outbox_pending(path)
+    return {"status": status, "ended": bool(ended), "pending": pending, "outbox": str(path) if path else None}
+
+
+def find_run(cfg: TrackingConfig, pipeline_run: str) -> str | None:
+    """The id of the run `start_run` opened for pipeline run `pipeline_run` (tag pipeline_run_id), newest
+    first; None when there is none (the pipeline failed before its run was opened)."""
+    experiment = _call(
+        cfg, f"get experiment {cfg.experiment!r}", lambda c: c.get_experiment_by_name(cfg.experiment)
+    )
+    if experiment is None:
+        return None
+    escaped = pipeline_run.replace("'", "\\'")
+    runs = _call(
+        cfg,
+        f"find the run of pipeline run {pipeline_run}",
+        lambda c: c.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.pipeline_run_id = '{escaped}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        ),
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def run_status(cfg: TrackingConfig, run_id: str) -> str:
+    return _call(cfg, f"get run {run_id}", lambda c: c.get_run(run_id).info.status)
+
+
+def reopen_run(cfg: TrackingConfig, run_id: str) -> str:
+    """Mark an ended run RUNNING again (a resumed pipeline continues its MLflow run); returns the status
+    it had."""
+    before = run_status(cfg, run_id)
+    if before != "RUNNING":
+        _call(cfg, f"reopen run {run_id}", lambda c: c.update_run(run_id, status="RUNNING"))
+    return before
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,8 +755,15 @@ def start_run(
 
 
 def end_run(cfg: TrackingConfig, run_id: str, status: str = "FINISHED") -> None:
-    """Mark the run FINISHED / FAILED / KILLED (runs created by id stay RUNNING otherwise)."""
-    _call(cfg, f"end run {run_id}", lambda c: c.set_terminated(run_id, status=status))
+    """Mark the run FINISHED / FAILED / KILLED (runs created by id stay RUNNING otherwise). The pipeline's
+    exit step uses `finish_run`, which replays the outbox first."""
+    end_time = _now_ms()
+    _call(
+        cfg,
+        f"end run {run_id} ({status})",
+        lambda c: c.set_terminated(run_id, status=status, end_time=end_time),
+        defer={"op": "set_terminated", "run_id": run_id, "status": status, "end_time": end_time},
+    )
 
 
 def set_tags(cfg: TrackingConfig, run_id: str, tags: Mapping[str, Any]) -> None:
@@ -328,6 +776,7 @@ def set_tags(cfg: TrackingConfig, run_id: str, tags: Mapping[str, Any]) -> None:
             cfg,
             f"set {len(chunk)} tags on run {run_id}",
             lambda c, chunk=chunk: c.log_batch(run_id, tags=chunk),
+            defer={"op": "log_batch", "run_id": run_id, "tags": [[t.key, t.value] for t in chunk]},
         )
 
 
@@ -347,14 +796,28 @@ def log_params(cfg: TrackingConfig, run_id: str, params: Mapping[str, Any]) -> i
     batch = list(items.values())
     for i in range(0, len(batch), _MAX_PARAMS_PER_BATCH):
         chunk = batch[i : i + _MAX_PARAMS_PER_BATCH]
-        _call(cfg, f"log {len(chunk)} params", lambda c, chunk=chunk: c.log_batch(run_id, params=chunk))
+        _call(
+            cfg,
+            f"log {len(chunk)} params",
+            lambda c, chunk=chunk: c.log_batch(run_id, params=chunk),
+            defer={"op": "log_batch", "run_id": run_id, "params": [[p.key, p.value] for p in chunk]},
+        )
     return len(batch)
 
 
 def _log_metric_batch(cfg: TrackingConfig, run_id: str, metrics: list, what: str) -> None:
     for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
         chunk = metrics[i : i + _MAX_METRICS_PER_BATCH]
-        _call(cfg, f"log {len(chunk)} {what}", lambda c, chunk=chunk: c.log_batch(run_id, metrics=chunk))
+        _call(
+            cfg,
+            f"log {len(chunk)} {what}",
+            lambda c, chunk=chunk: c.log_batch(run_id, metrics=chunk),
+            defer={
+                "op": "log_batch",
+                "run_id": run_id,
+                "metrics": [[m.key, m.value, m.timestamp, m.step] for m in chunk],
+            },
+        )
 
 
 def log_step_metrics(cfg: TrackingConfig, run_id: str, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -461,10 +924,16 @@ def _log_json(cfg: TrackingConfig, run_id: str, obj: Any, artifact_file: str) ->
     """Write obj as JSON to artifact_file (overwrites: safe to repeat, unlike MlflowClient.log_table,
     which appends rows when the file exists)."""
     directory, name = os.path.split(artifact_file)
+    text = json.dumps(obj, default=str, allow_nan=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
-        path.write_text(json.dumps(obj, default=str, allow_nan=True))
-        _call(cfg, f"log {artifact_file}", lambda c: c.log_artifact(run_id, str(path), directory or None))
+        path.write_text(text)
+        _call(
+            cfg,
+            f"log {artifact_file}",
+            lambda c: c.log_artifact(run_id, str(path), directory or None),
+            defer={"op": "log_text", "run_id": run_id, "text": text, "artifact_file": artifact_file},
+        )
 
 
 def _register_table(cfg: TrackingConfig, run_id: str, artifact_file: str) -> None:
@@ -475,7 +944,12 @@ def _register_table(cfg: TrackingConfig, run_id: str, artifact_file: str) -> Non
         if entry not in entries:
             client.set_tag(run_id, _LOGGED_ARTIFACTS_TAG, json.dumps([*entries, entry]))
 
-    _call(cfg, f"mark {artifact_file} as a table", add)
+    _call(
+        cfg,
+        f"mark {artifact_file} as a table",
+        add,
+        defer={"op": "register_table", "run_id": run_id, "artifact_file": artifact_file},
+    )
 
 
 def log_artifacts(
@@ -485,10 +959,23 @@ def log_artifacts(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"cannot log artifacts: {path} does not exist")
+    record = {
+        "op": "log_artifacts",
+        "run_id": run_id,
+        "local_path": str(path.resolve()),
+        "artifact_path": artifact_path,
+    }
     if path.is_dir():
-        _call(cfg, f"log directory {path}", lambda c: c.log_artifacts(run_id, str(path), artifact_path))
+        _call(
+            cfg,
+            f"log directory {path}",
+            lambda c: c.log_artifacts(run_id, str(path), artifact_path),
+            defer=record,
+        )
     else:
-        _call(cfg, f"log file {path}", lambda c: c.log_artifact(run_id, str(path), artifact_path))
+        _call(
+            cfg, f"log file {path}", lambda c: c.log_artifact(run_id, str(path), artifact_path), defer=record
+        )
 
 
 def log_config(cfg: TrackingConfig, run_id: str, config_yaml_text: str) -> int:
@@ -501,7 +988,15 @@ def log_config(cfg: TrackingConfig, run_id: str, config_yaml_text: str) -> int:
     if not isinstance(data, dict):
         raise ValueError(f"run config must be a mapping at the top level, got {type(data).__name__}")
     _call(
-        cfg, "log run_config.yaml", lambda c: c.log_text(run_id, config_yaml_text, "config/run_config.yaml")
+        cfg,
+        "log run_config.yaml",
+        lambda c: c.log_text(run_id, config_yaml_text, "config/run_config.yaml"),
+        defer={
+            "op": "log_text",
+            "run_id": run_id,
+            "text": config_yaml_text,
+            "artifact_file": "config/run_config.yaml",
+        },
     )
     return log_params(cfg, run_id, {"config": data})
 

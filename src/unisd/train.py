@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from unisd.artifacts import begin_stage, read_json, read_jsonl, write_json, write_jsonl
 from unisd.config import StrictModel
@@ -56,29 +57,34 @@ ADDITIVE_STATS = frozenset({*LOSS_TERMS, "num_tokens", "num_sequences", "kd/num_
 
 class LoraSettings(StrictModel):
     enabled: bool = True
-    r: int = 64  # reference: r=64, alpha=128, dropout 0.05 on all projections
-    alpha: int = 128
-    dropout: float = 0.05
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    r: int = Field(64, ge=1)  # reference: r=64, alpha=128, dropout 0.05 on all projections
+    alpha: int = Field(128, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+    )
 
 
 class TrainConfig(StrictModel):
     mode: Literal["staged", "online"] = "staged"
     lora: LoraSettings = LoraSettings()
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    micro_batch_size: int = 4
-    grad_accum: int = 4
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; None = epochs over the data
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    seed: int = 0
-    dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
+    lr: float = Field(2e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; None = epochs over the data
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = Field(0, ge=0)
+    # bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64"] = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ≈ +30% compute)
-    max_bad_fraction: float = 0.1  # hard stop when more items than this are skipped as bad
+    max_bad_fraction: float = Field(
+        0.1, ge=0.0, le=1.0
+    )  # hard stop when more items than this are skipped as bad
     # Rollouts cut at max_new_tokens (no EOS) are dropped, not trained on (DAPO's overlong filtering): a
     # small model's cut rollouts are mostly loops, and distilling them teaches the loop.
     drop_truncated: bool = False
@@ -89,8 +95,8 @@ class TrainConfig(StrictModel):
         None  # ...and its EMA teacher (ema_teacher.safetensors), so the EMA spans rounds
     )
     # online mode only
-    online_max_new_tokens: int = 128
-    online_temperature: float = 0.7
+    online_max_new_tokens: int = Field(128, ge=1)
+    online_temperature: float = Field(0.7, ge=0.0)
     online_decode: Literal["hf", "pruned"] = "hf"
 
 

@@ -113,10 +113,10 @@ class ContextsConfig(StrictModel):
     decode: Literal["hf", "pruned"] = "hf"  # unisd.rollout.generate (negatives, induced instructions)
     max_context_prompt_tokens: int = Field(4096, ge=1)
     max_negative_prompt_tokens: int = Field(4096, ge=1)
-    sandbox_timeout_s: float = 5.0
-    sandbox_memory_mb: int = 1024
+    sandbox_timeout_s: float = Field(5.0, gt=0.0)
+    sandbox_memory_mb: int = Field(1024, ge=1)
     max_fallback_mutants: int = Field(24, ge=1)  # code fallback: mutants tried until one fails the tests
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 # --------------------------------------------------------------------------------------------------
