@@ -777,3 +777,15 @@ def benchmark_files(name: str, data_dir: str | os.PathLike[str] | None = None) -
     """The data files a built-in benchmark reads (what the prepare stage's inputs hash covers)."""
     spec = BENCHMARK_SPECS[_check_benchmark(name)]
     return [_required_file(name, data_dir, relative) for relative in spec.files]
+
+
+def staged_files(data_dir: str | os.PathLike[str]) -> list[str]:
+    """What `unisd data upload` copies (relative to `data_dir`): every built-in's data files, the LICENSE*
+    files in their folders, and MANIFEST.md -- the licences travel with the data."""
+    root = Path(data_dir)
+    files = [f for spec in BENCHMARK_SPECS.values() for f in spec.files]
+    for top in sorted({Path(f).parts[0] for f in files}):
+        files += [str(p.relative_to(root)) for p in sorted((root / top).rglob("LICENSE*")) if p.is_file()]
+    if (root / "MANIFEST.md").is_file():
+        files.append("MANIFEST.md")
+    return list(dict.fromkeys(files))

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from unisd.config import StrictModel
 from unisd.data import schema
@@ -657,6 +657,34 @@ class LoadedDataset:
     rows_read: int
     ignored_columns: list[str]
     max_bad_rows: int
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def bad_row_numbers(self) -> list[tuple[str, int]]:
+        return sorted({(e.label, e.row) for e in self.bad_rows})
+
+    def problem(self) -> str | None:
+        """Why the dataset is refused (duplicate ids; more bad rows than max_bad_rows; none valid), or None."""
+        if self.duplicates:
+            shown = "\n  ".join(self.duplicates[:MAX_ERRORS_SHOWN])
+            return f"{self.name}: {len(self.duplicates)} duplicate id(s); ids must be unique:\n  {shown}"
+        n_bad = len(self.bad_row_numbers)
+        if n_bad > self.max_bad_rows:
+            shown = "\n  ".join(str(e) for e in self.bad_rows[:MAX_ERRORS_SHOWN])
+            more = (
+                f"\n  ... and {len(self.bad_rows) - MAX_ERRORS_SHOWN} more"
+                if len(self.bad_rows) > MAX_ERRORS_SHOWN
+                else ""
+            )
+            return (
+                f"{self.name}: {n_bad} of {self.rows_read} rows break the {self.kind} schema "
+                f"(max_bad_rows {self.max_bad_rows}):\n  {shown}{more}\nFix them, or skip up to N bad rows "
+                "with max_bad_rows: N (prepare.max_bad_rows, prepare.datasets.<name>.max_bad_rows, or "
+                "--max-bad-rows)"
+            )
+        if not self.records:
+            return f"{self.name}: no valid rows ({self.rows_read} read)"
+        return None
 
     def split_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(schema.SPLITS, 0)
@@ -740,12 +768,15 @@ def _split_of(row: schema.UserRow, table: Table, spec: DatasetSpec, label: str) 
     return mapped
 
 
-def load_dataset_records(name: str, spec: DatasetSpec, *, max_bad_rows: int = 0) -> LoadedDataset:
+def load_dataset_records(
+    name: str, spec: DatasetSpec, *, max_bad_rows: int = 0, enforce: bool = True
+) -> LoadedDataset:
     """Read, map, validate and convert every row of dataset `name`.
 
     Rows that break the schema are reported with file, row number and field; more than the dataset's
-    max_bad_rows (else `max_bad_rows`) of them refuses the dataset (DatasetError). Duplicate ids, an empty
-    dataset and unusable sources (SourceError / FileNotFoundError) always refuse it.
+    max_bad_rows (else `max_bad_rows`) of them refuses the dataset (DatasetError), and so do duplicate ids.
+    An empty dataset and unusable sources (SourceError / FileNotFoundError) always refuse it. With
+    enforce=False the dataset comes back with its problems recorded instead (`unisd data validate`).
     """
     from unisd.data.benchmarks import BENCHMARK_SPECS, assign_split
 
@@ -763,7 +794,7 @@ def load_dataset_records(name: str, spec: DatasetSpec, *, max_bad_rows: int = 0)
     mapped_columns = set(spec.columns).union(*(t.rows[0].keys() for t in tables if t.rows))
     kind = spec.kind or schema.infer_kind(mapped_columns)
     model = schema.row_model(kind)
-    ignored = sorted(mapped_columns - set(model.model_fields) - {c for c in _flat(spec.columns.values())})
+    ignored = sorted(mapped_columns - set(model.model_fields) - set(_flat(spec.columns.values())))
     bad: list[RowError] = []
     valid: list[tuple[schema.UserRow, Table, int]] = []
     for table in tables:
@@ -772,9 +803,8 @@ def load_dataset_records(name: str, spec: DatasetSpec, *, max_bad_rows: int = 0)
             data = {k: v for k, v in map_columns(raw, spec.columns).items() if v is not None}
             try:
                 valid.append((model.model_validate(data), table, number))
-            except Exception as err:  # pydantic.ValidationError
-                errors = err.errors() if hasattr(err, "errors") else [{"msg": str(err)}]
-                for e in errors:
+            except ValidationError as err:
+                for e in err.errors():
                     field_name, message = _friendly(e)
                     bad.append(RowError(table.label, number, field_name, message))
     seen: dict[str, tuple[str, int]] = {}
@@ -799,23 +829,13 @@ def load_dataset_records(name: str, spec: DatasetSpec, *, max_bad_rows: int = 0)
         split = _split_of(row, table, spec, table.label) or assign_split(local)
         meta = {"source": table.label, "row": number, "dataset_source": spec.source}
         records.append(schema.to_record(row, dataset=name, split=split, meta=meta, metric=spec.metric))
-    if duplicates:
-        shown = "\n  ".join(duplicates[:MAX_ERRORS_SHOWN])
-        raise DatasetError(f"{name}: {len(duplicates)} duplicate id(s); ids must be unique:\n  {shown}")
-    bad_rows = sorted({e.row for e in bad})
-    if len(bad_rows) > limit:
-        shown = "\n  ".join(str(e) for e in bad[:MAX_ERRORS_SHOWN])
-        more = f"\n  ... and {len(bad) - MAX_ERRORS_SHOWN} more" if len(bad) > MAX_ERRORS_SHOWN else ""
-        raise DatasetError(
-            f"{name}: {len(bad_rows)} of {rows_read} rows break the {kind} schema (max_bad_rows {limit}):\n  "
-            f"{shown}{more}\nFix them, or skip up to N bad rows with max_bad_rows: N "
-            "(prepare.max_bad_rows, prepare.datasets.<name>.max_bad_rows, or --max-bad-rows)"
-        )
-    if not records:
-        raise DatasetError(f"{name}: no valid rows ({rows_read} read, all skipped as bad)")
+    loaded = LoadedDataset(name, kind, spec.source, records, bad, rows_read, ignored, limit, duplicates)
+    problem = loaded.problem()
+    if problem and enforce:
+        raise DatasetError(problem)
     for e in bad:
         log.warning("%s: skipped bad row: %s", name, e)
-    return LoadedDataset(name, kind, spec.source, records, bad, rows_read, ignored, limit)
+    return loaded
 
 
 def _flat(values: Any) -> Iterator[str]:
