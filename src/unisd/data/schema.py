@@ -36,6 +36,8 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _text(value: Any, *, allow_empty: bool = False) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)  # a number in a text column (CSV and Parquet readers type such columns)
     if not isinstance(value, str):
         raise ValueError(f"must be text, got {type(value).__name__} {_short(value)}")
     if not allow_empty and not value.strip():
@@ -79,7 +81,9 @@ class UserRow(BaseModel):
     KIND: ClassVar[str] = ""
     TASK_FIELDS: ClassVar[tuple[str, ...]] = ()  # what the default id hashes
 
-    id: str | None = Field(None, description="unique within the dataset; default: a hash of the task fields")
+    id: str | int | None = Field(
+        None, description="unique within the dataset; default: a hash of the task fields"
+    )
     split: str | None = Field(
         None, description="train | validation | test (dev, val, valid = validation); default: the seeded rule"
     )
@@ -152,7 +156,7 @@ class MultipleChoiceRow(UserRow):
     def _answer(cls, value: Any, info: ValidationInfo) -> str:
         choices = info.data.get("choices")
         if choices is None:
-            raise ValueError("cannot be checked: the choices are invalid")
+            return value  # the choices are invalid (reported on their own): nothing to check against
         return answer_letter(value, choices)
 
     @field_validator("explanation", mode="before")
@@ -162,7 +166,8 @@ class MultipleChoiceRow(UserRow):
 
 
 def answer_letter(value: Any, choices: list[str]) -> str:
-    """The letter of the correct option from a letter, a 0-based index (int or digits) or the option text."""
+    """The letter of the correct option: a 0-based index (an int or digits) is an index; one capital letter is
+    a letter; otherwise the text of exactly one option; otherwise one lower-case letter is a letter."""
     n = len(choices)
     letters = LETTERS[:n]
     if isinstance(value, bool):
@@ -175,11 +180,12 @@ def answer_letter(value: Any, choices: list[str]) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be a letter, an index or an option's text, got {_short(value)}")
     text = value.strip()
-    if len(text) == 1 and text.upper() in LETTERS:
+    matches = [i for i, c in enumerate(choices) if c.strip() == text]
+    is_letter = len(text) == 1 and text.upper() in LETTERS
+    if is_letter and (text.isupper() or not matches):
         if text.upper() not in letters:
             raise ValueError(f"{value!r} is not one of the {n} choices ({', '.join(letters)})")
         return text.upper()
-    matches = [i for i, c in enumerate(choices) if c.strip() == text]
     if len(matches) == 1:
         return letters[matches[0]]
     raise ValueError(
@@ -519,7 +525,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         schema = model.model_json_schema()
         schema = {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": f"https://github.com/unisd/unisd/docs/schemas/{kind}.v{SCHEMA_VERSION}.schema.json",
+            "$id": f"urn:unisd:dataset:{kind}:v{SCHEMA_VERSION}",
             "x-unisd-kind": kind,
             "x-unisd-schema-version": SCHEMA_VERSION,
             **schema,

@@ -509,6 +509,8 @@ def _check_text_file(label: str, data: bytes, fmt: str, json_field: str | None) 
         ) from None
     if not text.strip():
         raise SourceError(f"{label}: no rows (the file is empty)")
+    if fmt == "csv" and sum(1 for line in text.splitlines() if line.strip()) < 2:
+        raise SourceError(f"{label}: no rows (only a header line)")
     if fmt != "json":
         return
     stripped = text.lstrip("\ufeff").lstrip()
@@ -833,7 +835,7 @@ def load_dataset_records(
     problem = loaded.problem()
     if problem and enforce:
         raise DatasetError(problem)
-    for e in bad:
+    for e in bad if not problem else []:
         log.warning("%s: skipped bad row: %s", name, e)
     return loaded
 
