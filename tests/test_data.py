@@ -511,7 +511,7 @@ def test_edited_file_is_reread(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def s3_data_dir():
+def s3_data_dir(tmp_path_factory):
     """The staged data directory uploaded with `unisd data upload` to s3://unisd-data/v1 (module scope: one
     server, one upload)."""
     from s3_server import S3Server
@@ -522,9 +522,7 @@ def s3_data_dir():
         server.use(mp)
         server.fs().mkdir("unisd-data")
         assert main(["data", "upload", str(DATA_DIR), "s3://unisd-data/v1"]) == 0
-        mp.setenv(
-            "UNISD_CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"unisd-s3-cache-{os.getpid()}")
-        )
+        mp.setenv("UNISD_CACHE_DIR", str(tmp_path_factory.mktemp("unisd-cache")))
         yield server, "s3://unisd-data/v1"
 
 
