@@ -57,7 +57,7 @@ def test_pipeline_trains_and_evaluates_user_datasets_from_s3(tmp_path, monkeypat
         config["eval"].update(limit=3, max_new_tokens=16, bootstrap_samples=200)
         config["train"].update(max_steps=1, micro_batch_size=2, grad_accum=2)
         config["tracking"].update(tracking_uri="sqlite:///mlflow.db", registered_model="user-data-student")
-        config["pipeline"].update(shards=2, pipeline_root=str(tmp_path / "kfp"))
+        config["pipeline"].update(shards=1, pipeline_root=str(tmp_path / "kfp"))
         path = tmp_path / "user-data.yaml"
         path.write_text(yaml.safe_dump(config))
 
