@@ -433,6 +433,25 @@ def test_credentials_never_in_the_config():
         load("gs://b/k.jsonl")
 
 
+@pytest.mark.parametrize(
+    "prepare",
+    [
+        {"benchmarks": ["t"], "datasets": {"t": {"source": "s3://b/k.jsonl", "secret": "topsecret"}}},
+        {"benchmarks": ["t"], "datasets": {"t": {"source": "s3://AKIA:topsecret@b/k.jsonl"}}},
+        {"benchmarks": ["s3://AKIA:topsecret@b/k.jsonl"]},
+        {"benchmarks": ["mbpp"], "eval_only": ["gs://user:topsecret@b/k.jsonl"]},
+    ],
+)
+def test_a_refused_secret_is_not_echoed(prepare):
+    """Config errors print their input: the secret is masked before the config is refused."""
+    from unisd.config import ConfigError, validate
+    from unisd.runconfig import RunConfig
+
+    with pytest.raises(ConfigError) as info:
+        validate(RunConfig, {"prepare": prepare}, source="run.yaml")
+    assert "credentials" in str(info.value) and "topsecret" not in str(info.value)
+
+
 def test_s3_missing_object_credentials_and_endpoint(s3, monkeypatch):
     s3.put("there/x.jsonl", json.dumps(FF_ROWS[0]) + "\n")
     with pytest.raises(FileNotFoundError, match="s3://there/missing.jsonl: does not exist"):

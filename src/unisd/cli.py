@@ -133,7 +133,7 @@ def _parse_columns(values: list[str]) -> dict[str, str | list[str]]:
 
 def _dataset_from_args(args: argparse.Namespace):
     """(name, DatasetSpec, max_bad_rows) from `unisd data validate|show` arguments."""
-    from unisd.data.sources import DatasetSpec, dataset_name, is_source
+    from unisd.data.sources import dataset_name, is_source, make_spec
 
     overrides = {
         k: v
@@ -157,8 +157,7 @@ def _dataset_from_args(args: argparse.Namespace):
                 raise ValueError(
                     f"{args.source!r} is not in {args.config}'s prepare.datasets ({', '.join(prepare.datasets)})"
                 )
-            spec = prepare.datasets[args.source].model_copy(update=overrides)
-            spec = DatasetSpec.model_validate(spec.model_dump())
+            spec = make_spec(**{**prepare.datasets[args.source].model_dump(), **overrides})
             return (
                 args.name or args.source,
                 spec,
@@ -172,7 +171,7 @@ def _dataset_from_args(args: argparse.Namespace):
         raise ValueError(
             f"{args.source!r} is neither a path nor a URI; to use a dataset name, pass the run config with --config"
         )
-    spec = DatasetSpec(source=args.source, **overrides)
+    spec = make_spec(source=args.source, **overrides)
     return (
         args.name or dataset_name(args.source),
         spec,

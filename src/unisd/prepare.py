@@ -44,7 +44,7 @@ from unisd.data import (
 )
 from unisd.data.benchmarks import BENCHMARK_SPECS, benchmark_files
 from unisd.data.records import Record
-from unisd.data.sources import NAME, DatasetSpec, dataset_name, is_source
+from unisd.data.sources import NAME, DatasetSpec, dataset_name, is_source, mask_credentials
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,18 @@ class PrepareConfig(StrictModel):
     data_dir: str | None = None  # the built-ins' data directory (a path or an s3:// gs:// az:// URI)
     seed: int = 0  # the training sample (train_limit)
     eval_seed: int | None = None  # the held-out sample (eval_limit); None = seed. Fix it to compare seeds.
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_uri_credentials(cls, data):
+        if isinstance(data, dict):
+            for key in ("benchmarks", "eval_only"):
+                if isinstance(data.get(key), list) and (masked := mask_credentials(data[key])):
+                    raise ValueError(
+                        f"{masked}: the URI holds credentials (user:secret@...); put them in the environment "
+                        "instead (in a cluster: a Kubernetes Secret mounted as env)"
+                    )
+        return data
 
     @model_validator(mode="after")
     def _known_entries(self) -> PrepareConfig:

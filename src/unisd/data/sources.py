@@ -124,9 +124,16 @@ class DatasetSpec(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _no_credentials(cls, data: Any) -> Any:
+        # Secrets are masked in the input itself before refusing it: validation errors echo their input.
         if isinstance(data, dict):
+            source = data.get("source")
+            if isinstance(source, str) and has_uri_credentials(source):
+                data["source"] = _redact(source)
+                parse_source(source)  # raises, naming the redacted URI
             found = sorted(k for k in data if str(k).lower() in CREDENTIAL_KEYS)
             if found:
+                for key in found:
+                    data[key] = "***"
                 raise ValueError(
                     f"{found} look like credentials or storage options; a config never holds them (it is "
                     "logged to MLflow). Set them in the environment instead -- in a cluster, a Kubernetes "
@@ -228,6 +235,32 @@ def parse_source(text: str) -> Source:
         f"{text}: unsupported scheme {scheme}://; use a path, s3://, gs://, az:// (abfs://) or hf:// "
         "(see docs/datasets.md)"
     )
+
+
+def has_uri_credentials(text: str) -> bool:
+    """Whether a URI spells user:secret@ in its authority."""
+    match = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/]*)", text.strip())
+    return bool(match) and "@" in match.group(1) and ":" in match.group(1).split("@", 1)[0]
+
+
+def mask_credentials(items: list[Any]) -> list[str]:
+    """Mask user:secret@ in the URIs of a list, in place (validation errors echo their input); returns the
+    masked URIs."""
+    masked = []
+    for i, item in enumerate(items):
+        if isinstance(item, str) and has_uri_credentials(item):
+            items[i] = _redact(item)
+            masked.append(items[i])
+    return masked
+
+
+def make_spec(**fields: Any) -> DatasetSpec:
+    """A DatasetSpec whose validation errors read as one plain sentence each (no pydantic dump)."""
+    try:
+        return DatasetSpec.model_validate(fields)
+    except ValidationError as err:
+        messages = [str(e["msg"]).removeprefix("Value error, ") for e in err.errors()]
+        raise SourceError("; ".join(messages)) from None
 
 
 def _redact(text: str) -> str:
