@@ -591,3 +591,21 @@ def test_records_hash_ignores_where_rows_came_from(tmp_path):
     write_jsonl(tmp_path / "b" / "quiz.jsonl", MC_ROWS)
     first, second = load(tmp_path / "a" / "quiz.jsonl"), load(tmp_path / "b" / "quiz.jsonl")
     assert records_hash(first.records) == records_hash(second.records)
+
+
+def test_prepare_reruns_when_a_local_file_changes_and_refuses_before_writing(tmp_path):
+    from unisd.prepare import PrepareConfig, run_prepare
+
+    path = write_jsonl(tmp_path / "sums.jsonl", FF_ROWS)
+    cfg = PrepareConfig(benchmarks=[str(path)], max_prompt_tokens=512, max_teacher_prompt_tokens=512)
+    out = tmp_path / "prepared"
+    first = run_prepare(cfg, model_spec="tiny:llama", out_dir=out)
+    assert run_prepare(cfg, model_spec="tiny:llama", out_dir=out)["finished_at"] == first["finished_at"]
+    write_jsonl(path, [*FF_ROWS, {"prompt": "What is 0 plus 0?", "answer": "0"}])
+    second = run_prepare(cfg, model_spec="tiny:llama", out_dir=out)
+    assert second["finished_at"] != first["finished_at"]
+    write_jsonl(path, [*FF_ROWS, {"prompt": "What is 0 plus 0?"}])  # a bad row: refused, nothing written
+    fresh = tmp_path / "fresh"
+    with pytest.raises(DatasetError, match="row 21: field 'answer': is missing"):
+        run_prepare(cfg, model_spec="tiny:llama", out_dir=fresh)
+    assert not fresh.exists() or not any(fresh.iterdir())
