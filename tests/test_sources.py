@@ -271,8 +271,10 @@ def test_prepare_snapshots_user_data_and_reruns_only_when_the_source_changes(s3,
     rows = [json.loads(line) for line in (out / "snapshot" / "quiz.jsonl").read_text().splitlines()]
     assert len(rows) == snapshot["quiz"]["rows_used"] and 0 < len(rows) < 20  # train + test, no validation
     assert all("source" not in r["meta"] for r in rows)
+    written = (out / "train.jsonl").stat().st_mtime_ns
     again = run_prepare(cfg, model_spec="tiny:llama", out_dir=out)
-    assert again["finished_at"] == first["finished_at"]  # skipped: unchanged source
+    assert again["inputs_hash"] == first["inputs_hash"]
+    assert (out / "train.jsonl").stat().st_mtime_ns == written  # skipped: unchanged source, nothing rewritten
     changed = [dict(r, question=r["question"] + " (v2)") if r["id"] == "q1" else r for r in MC_ROWS]
     s3.put("team/quiz.jsonl", "".join(json.dumps(r) + "\n" for r in changed))
     third = run_prepare(cfg, model_spec="tiny:llama", out_dir=out)
@@ -600,10 +602,13 @@ def test_prepare_reruns_when_a_local_file_changes_and_refuses_before_writing(tmp
     cfg = PrepareConfig(benchmarks=[str(path)], max_prompt_tokens=512, max_teacher_prompt_tokens=512)
     out = tmp_path / "prepared"
     first = run_prepare(cfg, model_spec="tiny:llama", out_dir=out)
-    assert run_prepare(cfg, model_spec="tiny:llama", out_dir=out)["finished_at"] == first["finished_at"]
+    written = (out / "train.jsonl").stat().st_mtime_ns
+    assert run_prepare(cfg, model_spec="tiny:llama", out_dir=out)["inputs_hash"] == first["inputs_hash"]
+    assert (out / "train.jsonl").stat().st_mtime_ns == written  # skipped: nothing rewritten
     write_jsonl(path, [*FF_ROWS, {"prompt": "What is 0 plus 0?", "answer": "0"}])
     second = run_prepare(cfg, model_spec="tiny:llama", out_dir=out)
-    assert second["finished_at"] != first["finished_at"]
+    assert second["inputs_hash"] != first["inputs_hash"]
+    assert second["counts"]["data_hash"] != first["counts"]["data_hash"]
     write_jsonl(path, [*FF_ROWS, {"prompt": "What is 0 plus 0?"}])  # a bad row: refused, nothing written
     fresh = tmp_path / "fresh"
     with pytest.raises(DatasetError, match="row 21: field 'answer': is missing"):
