@@ -161,7 +161,7 @@ def prepare_op(config: Input[Artifact], prepared: Output[Dataset]):
     from unisd.pipeline_steps import parse_config, prepare
 
     cfg = parse_config(open(config.path).read())
-    check_data_files([*cfg.prepare.benchmarks, *cfg.prepare.eval_only], cfg.prepare.data_dir)
+    check_data_files(cfg.prepare)
     prepared.metadata.update(prepare(cfg, prepared.path)["counts"])
 
 

@@ -237,7 +237,7 @@ def _prepare_new_run(args: argparse.Namespace) -> tuple[Path, dict]:
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": tracking_uri})})
     tracking.probe(cfg.tracking)  # first: the one check that needs no heavy import
     check_model_spec(cfg.model)
-    check_data_files([*cfg.prepare.benchmarks, *cfg.prepare.eval_only], cfg.prepare.data_dir)
+    check_data_files(cfg.prepare)
     check_output_dir(cfg.pipeline.pipeline_root, "pipeline.pipeline_root")
     run_dir = _new_run_dir(Path(cfg.pipeline.pipeline_root).resolve())
     config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -504,3 +504,53 @@ def test_edited_file_is_reread(tmp_path):
     _write_jsonl(path, [MBPP_ROW, dict(MBPP_ROW, task_id=603)])
     os.utime(path, ns=(2, 2))
     assert len(load_benchmark("mbpp", "all", data_dir=tmp_path)) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The data directory in object storage (a real S3-compatible server: moto's server mode)
+
+
+@pytest.fixture(scope="module")
+def s3_data_dir(tmp_path_factory):
+    """The staged data directory uploaded with `unisd data upload` to s3://unisd-data/v1 (module scope: one
+    server, one upload)."""
+    from s3_server import S3Server
+
+    from unisd.cli import main
+
+    with S3Server() as server, pytest.MonkeyPatch.context() as mp:
+        server.use(mp)
+        server.fs().mkdir("unisd-data")
+        assert main(["data", "upload", str(DATA_DIR), "s3://unisd-data/v1"]) == 0
+        mp.setenv("UNISD_CACHE_DIR", str(tmp_path_factory.mktemp("unisd-cache")))
+        yield server, "s3://unisd-data/v1"
+
+
+@needs_data
+def test_builtins_load_with_the_same_counts_from_an_s3_data_dir(s3_data_dir, monkeypatch):
+    server, uri = s3_data_dir
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("UNISD_DATA_DIR", uri)
+    assert resolve_data_dir() == uri
+    expected = {
+        ("mbpp", "train"): 374,
+        ("mbpp", "validation"): 90,
+        ("mbpp", "test"): 500,
+        ("commonsenseqa", "train"): 9741,
+        ("commonsenseqa", "validation"): 1221,
+        ("gpqa", "all"): 198,
+        ("scienceqa", "all"): 2224,
+        ("toolalpaca", "all"): 214,
+        ("humaneval", "all"): 164,
+    }
+    for (name, split), count in expected.items():
+        assert len(load_benchmark(name, split)) == count, (name, split)
+    for name, per_split in SEEDED_COUNTS.items():
+        assert {s: len(load_benchmark(name, s)) for s in per_split} == per_split
+    assert _fingerprint([r.id for r in load_benchmark("mbpp", "test")]) == TEST_SPLIT_FINGERPRINT["mbpp"]
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"needs the file mbpp/mbpp.jsonl under the data directory s3://unisd-data/nope",
+    ):
+        load_benchmark("mbpp", "train", data_dir="s3://unisd-data/nope")

@@ -267,14 +267,17 @@ def check_stage_dir(path: str | Path, stage: str, flag: str) -> list[Path]:
     return folders
 
 
-def check_data_files(benchmarks: list[str], data_dir: str | None) -> list[Path]:
-    """The benchmark files exist and their text decodes as UTF-8; a bad byte is reported with its file,
-    line and column (the readers would fail later with no file or line)."""
+def check_data_files(prepare) -> list[Path]:
+    """The built-in benchmarks' files (of a PrepareConfig) exist and their text decodes as UTF-8; a bad byte
+    is reported with its file, line and column (the readers would fail later with no file or line). User
+    datasets are checked row by row when prepare reads them (unisd.data.sources)."""
     import gzip
 
     from unisd.data.benchmarks import benchmark_files
+    from unisd.prepare import resolve_entries
 
-    files = [f for name in dict.fromkeys(benchmarks) for f in benchmark_files(name, data_dir)]
+    builtins = [e.name for e in resolve_entries(prepare) if e.builtin]
+    files = [f for name in builtins for f in benchmark_files(name, prepare.data_dir)]
     for file in files:
         if file.suffix == ".zip":
             continue  # read (and decrypted) in memory by its loader, which names the file

@@ -1,4 +1,5 @@
-"""Benchmarks as `Record`s, and the prompts built from them (see docs/benchmarks.md)."""
+"""Benchmarks and user datasets as `Record`s, and the prompts built from them (docs/benchmarks.md,
+docs/datasets.md)."""
 
 from unisd.data.benchmarks import (
     BENCHMARK_SPECS,
@@ -23,20 +24,24 @@ from unisd.data.prompts import (
     teacher_messages,
 )
 from unisd.data.records import Record
+from unisd.data.sources import DatasetSpec, dataset_name, load_dataset_records
 
 __all__ = [
     "BENCHMARKS",
     "BENCHMARK_SPECS",
     "DATA_DIR_ENV",
     "DEFAULT_SEED",
+    "DatasetSpec",
     "SPLIT_FRACTIONS",
     "SPLIT_SALT",
     "Record",
     "assign_split",
     "available_splits",
     "context_messages",
+    "dataset_name",
     "encode_prompt",
     "load_benchmark",
+    "load_dataset_records",
     "negative_messages",
     "render_prompt",
     "render_tool_calls",

@@ -2,7 +2,7 @@
 
     load_benchmark(name, split, *, data_dir=None, limit=None, seed=0) -> list[Record]
     available_splits(name) -> tuple[str, ...]
-    resolve_data_dir(data_dir=None) -> Path
+    resolve_data_dir(data_dir=None) -> Path | str (an s3:// gs:// az:// URI stays a string)
     assign_split(record_id) -> "train" | "validation" | "test"
 
 Data files (see docs/benchmarks.md and the data folder's MANIFEST.md) live under a data directory
@@ -102,17 +102,34 @@ def available_splits(name: str) -> tuple[str, ...]:
     return BENCHMARK_SPECS[_check_benchmark(name)].splits
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+def is_data_uri(data_dir: str | os.PathLike[str] | None) -> bool:
+    """Whether a data directory is an object-storage URI (s3://, gs://, az://, ...) rather than a path."""
+    return (
+        isinstance(data_dir, str)
+        and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", data_dir) is not None
+        and (not data_dir.startswith("file://"))
+    )
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | str:
     """The benchmark data directory: `data_dir`, else $UNISD_DATA_DIR, else ../shared/data next to the
-    repository checkout (development). Raises FileNotFoundError saying how to point at the data."""
+    repository checkout (development). Raises FileNotFoundError saying how to point at the data.
+
+    Either may be an object-storage URI (`UNISD_DATA_DIR=s3://bucket/unisd-data`, staged there with
+    `unisd data upload`): it is returned as the URI string, and each file a benchmark needs is fetched
+    into the local cache when first read (again only when it changed; `unisd.data.sources.fetch_file`)."""
     if data_dir is not None:
-        path = Path(data_dir).expanduser()
+        if is_data_uri(str(data_dir)):
+            return str(data_dir).rstrip("/")
+        path = Path(str(data_dir).removeprefix("file://")).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"data_dir={str(data_dir)!r} is not a directory")
         return path
     env = os.environ.get(DATA_DIR_ENV)
     if env:
-        path = Path(env).expanduser()
+        if is_data_uri(env):
+            return env.rstrip("/")
+        path = Path(env.removeprefix("file://")).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"${DATA_DIR_ENV}={env!r} is not a directory")
         return path
@@ -122,7 +139,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     raise FileNotFoundError(
         "No benchmark data directory found. Pass data_dir=... to load_benchmark, or set "
         f"{DATA_DIR_ENV}=/path/to/data (the folder holding mbpp/, commonsenseqa_cose/, scienceqa/, gpqa/, "
-        f"toolalpaca/; see docs/benchmarks.md). Looked for the development copy at {dev}."
+        f"toolalpaca/; see docs/benchmarks.md; an s3:// gs:// az:// URI works too). Looked for the "
+        f"development copy at {dev}."
     )
 
 
@@ -197,6 +215,17 @@ def _unit_hash(salt: str, key: str) -> float:
 
 def _required_file(name: str, data_dir: str | os.PathLike[str] | None, relative: str) -> Path:
     root = resolve_data_dir(data_dir)
+    if isinstance(root, str):  # object storage: a cached local copy of the file
+        from unisd.data.sources import fetch_file
+
+        try:
+            return fetch_file(f"{root}/{relative}")
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"benchmark {name!r} needs the file {relative} under the data directory {root}, and it is "
+                f"missing. Stage the files there with `unisd data upload DIR {root}`, or point "
+                f"{DATA_DIR_ENV} at a complete copy (see docs/benchmarks.md)."
+            ) from None
     path = root / relative
     if not path.is_file():
         raise FileNotFoundError(
@@ -748,3 +777,15 @@ def benchmark_files(name: str, data_dir: str | os.PathLike[str] | None = None) -
     """The data files a built-in benchmark reads (what the prepare stage's inputs hash covers)."""
     spec = BENCHMARK_SPECS[_check_benchmark(name)]
     return [_required_file(name, data_dir, relative) for relative in spec.files]
+
+
+def staged_files(data_dir: str | os.PathLike[str]) -> list[str]:
+    """What `unisd data upload` copies (relative to `data_dir`): every built-in's data files, the LICENSE*
+    files in their folders, and MANIFEST.md -- the licences travel with the data."""
+    root = Path(data_dir)
+    files = [f for spec in BENCHMARK_SPECS.values() for f in spec.files]
+    for top in sorted({Path(f).parts[0] for f in files}):
+        files += [str(p.relative_to(root)) for p in sorted((root / top).rglob("LICENSE*")) if p.is_file()]
+    if (root / "MANIFEST.md").is_file():
+        files.append("MANIFEST.md")
+    return list(dict.fromkeys(files))
