@@ -1239,6 +1239,12 @@ class TrainingRun:
             order = epoch_order(len(self.items), self.cfg.seed, state["epoch"])
         window = [self.items[i] for i in order[state["position"] : state["position"] + self.window_size]]
         share = distributed.rank_share(window, self.ranks)
+        log.debug(
+            "rank %d/%d: items %s of the window",
+            self.ranks.rank,
+            self.ranks.world,
+            [it["id"] for it in share],
+        )
         self.pending = None
         if self.generator is not None:
             share = [dict(it) for it in share]
