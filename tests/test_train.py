@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from unisd.artifacts import write_jsonl
+from unisd.artifacts import write_json, write_jsonl
 from unisd.objective import preset
 from unisd.scoring import ScoringConfig, run_scoring
 from unisd.train import LoraSettings, TrainConfig, latest_checkpoint, run_train
@@ -61,6 +61,8 @@ def make_artifacts(root, n_items=8, k=3, seed=0, empty_ids=()):
     write_jsonl(root / "prepared" / "train.jsonl", prepared)
     write_jsonl(root / "contexts" / "contexts.jsonl", contexts)
     write_jsonl(root / "rollout" / "completions.jsonl", rollouts)
+    for stage, folder in (("prepare", "prepared"), ("contexts", "contexts"), ("rollout", "rollout")):
+        write_json(root / folder / "manifest.json", {"stage": stage})  # what `unisd train` checks at the door
     return root / "prepared", root / "contexts", root / "rollout"
 
 
@@ -145,6 +147,23 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, artifacts):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert abs(full["counts"]["final"]["loss"] - resumed["counts"]["final"]["loss"]) <= 1e-6
+
+
+class _Planted:
+    def __reduce__(self):  # what a pickle-based loader would run
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path, artifacts):
+    objective = preset("sd")
+    _run(tmp_path / "run", artifacts, objective, stop_after_steps=1)
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    planted = _Planted()
+    planted.marker = tmp_path / "ran"
+    torch.save({"format": 0, "payload": planted}, ckpt / "state.pt")
+    with pytest.raises(ValueError, match="objects other than tensors"):
+        _run(tmp_path / "run", artifacts, objective)
+    assert not planted.marker.exists()
 
 
 def _train_cli(config, artifacts, out):

@@ -5,9 +5,10 @@ Two backends behind one interface:
   index, so a shard with the same layout and batch size reproduces its completions), truncation after the
   first EOS.
 - `vllm`: `vllm.LLM` with token-ID prompts, `SamplingParams(seed=…)`, sleep level 1 / wake up around
-  training, weight sync from the trainer once per optimizer step. vLLM is CUDA-only and pins its own torch,
-  so it lives in its own image (docker/rollout.Dockerfile); `auto` picks it when importable and a GPU exists.
-  Not executed on this project's CPU machines — coded against vLLM's public API.
+  training, weight sync from the trainer once per optimizer step (online training: `unisd.train.VLLMGenerator`).
+  vLLM is CUDA-only and pins its own torch, so it lives in its own image (docker/rollout.Dockerfile). Never
+  executed on this project's CPU machines — coded against vLLM's public API and tested against a recording
+  stand-in — so it runs only when asked for by name: `auto` means `hf` (and says so when vLLM is importable).
 
 Both record the log-prob of each sampled token under the sampler (temperature 1, the raw distribution), so
 scoring can report staleness = mean |logp_rollout − logp_trainer| (≈0 healthy for HF; ≈0.01–0.02 healthy for
@@ -78,10 +79,20 @@ def shard_range(n_items: int, num_shards: int, shard_index: int) -> tuple[int, i
 
 
 def pick_backend(requested: str) -> str:
-    if requested != "auto":
+    """The rollout backend for `requested`: "hf" | "vllm" as named; "auto" → "hf".
+
+    vLLM is not a silent default: its code path has never run in this project's CI (no CUDA there), so a cluster
+    run uses it only with `rollout.backend=vllm`; "auto" says so when vLLM is importable on a GPU machine."""
+    if requested in ("hf", "vllm"):
         return requested
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    return "vllm" if has_vllm and torch.cuda.is_available() else "hf"
+    if requested != "auto":
+        raise ValueError(f"rollout backend must be 'auto', 'hf' or 'vllm', got {requested!r}")
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        log.warning(
+            "rollout.backend=auto uses HF generate; vLLM is importable here but runs only when asked for by name "
+            "(rollout.backend=vllm): its path is coded against vLLM's API and has not run in CI"
+        )
+    return "hf"
 
 
 def _truncate_at_eos(ids: Sequence[int], eos_ids: set[int]) -> tuple[list[int], bool]:
@@ -236,18 +247,33 @@ def generate(model, tokenizer, prompts, cfg: RolloutConfig, *, first_index: int 
     return decode(model, tokenizer, prompts, cfg, first_index=first_index)
 
 
+VLLM_INSECURE_SERIALIZATION = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+
+
 class VLLMRollout:
     """vLLM engine for rollouts, colocated with the trainer (sleep level 1 between rollouts).
 
     Not executed in this project's CI (no CUDA, and vLLM cannot share the training env); coded against
     vLLM's public API: `LLM(..., enable_sleep_mode=True)`, `generate(TokensPrompt, SamplingParams)`,
-    `sleep(level=1)`, `wake_up()`, `collective_rpc` for the weight sync.
+    `sleep(level=1)`, `wake_up()`, `collective_rpc` for the weight sync, `reset_prefix_cache()`.
+
+    The online protocol per optimizer window (`unisd.train.VLLMGenerator`): generate → sleep → the trainer's
+    forward/backward/step → wake_up → sync_weights → generate … . `colocated=True` (one engine per torchrun
+    rank, tensor parallel 1) uses vLLM's `external_launcher` executor, which runs inside the rank's process
+    instead of spawning its own workers.
     """
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, *, dtype: str = "bfloat16"):
+    def __init__(
+        self, model_path: str, cfg: RolloutConfig, *, dtype: str = "bfloat16", colocated: bool = False
+    ):
+        import os
+
+        # collective_rpc with a Python function (the weight loader below) pickles it to the workers.
+        os.environ[VLLM_INSECURE_SERIALIZATION] = "1"
         from vllm import LLM
 
         self.cfg = cfg
+        extra = {"distributed_executor_backend": "external_launcher"} if colocated else {}
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -255,6 +281,8 @@ class VLLMRollout:
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             enable_sleep_mode=cfg.vllm_enable_sleep_mode,
             enable_prefix_caching=True,
+            logprobs_mode="raw_logprobs",  # the sampled token's log-prob under the raw distribution (T = 1)
+            **extra,
         )
         self.asleep = False
 
@@ -288,20 +316,24 @@ class VLLMRollout:
 
     def sleep(self) -> None:
         """Free GPU memory for training: level 1 offloads weights to CPU and drops the KV cache."""
-        self.llm.sleep(level=1)
-        self.asleep = True
+        if not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
     def wake_up(self) -> None:
-        self.llm.wake_up()
-        self.asleep = False
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def sync_weights(self, named_tensors) -> None:
         """Load the trainer's current weights (once per optimizer step). Must run AFTER wake_up: waking
-        restores the weights offloaded at sleep time, which would overwrite a sync done while asleep."""
+        restores the weights offloaded at sleep time, which would overwrite a sync done while asleep. The
+        prefix cache holds KV computed with the old weights: reset it."""
         if self.asleep:
             self.wake_up()
         payload = [(name, t.detach()) for name, t in named_tensors]
         self.llm.collective_rpc(_load_weights_on_worker, args=(payload,))
+        self.llm.reset_prefix_cache()
 
 
 def _load_weights_on_worker(worker, payload) -> None:

@@ -160,11 +160,15 @@ def _divergence_grad_wrt_scaled_logits(
 
 
 def _check_nonnegative(div: Tensor, what: str) -> Tensor:
-    """Raise if any value is below −1e-6 (a real bug, not round-off); clamp round-off negatives to 0."""
+    """Raise if any value is below −1e-6 (a real bug, not round-off); clamp round-off negatives to 0.
+
+    The clamp is on the value only: the gradient passes through unchanged (straight-through), as in the chunked
+    path, whose backward never sees the clamp. `clamp_min` would zero the gradient of every token whose fp32
+    divergence rounds below 0 — tokens where student and teacher nearly agree, but still differ."""
     if div.numel() and bool((div < -NEGATIVE_TOLERANCE).any()):
         worst = float(div.min())
         raise FloatingPointError(f"{what}: divergence {worst:.3e} < -{NEGATIVE_TOLERANCE:g} (must be ≥ 0)")
-    return div.clamp_min(0.0)
+    return div + (div.detach().clamp_min(0.0) - div.detach())
 
 
 def _log_softmax(logits: Tensor) -> Tensor:

@@ -5,9 +5,10 @@ The teacher is the student's own architecture, reading a different prompt (c*, x
 - `FrozenTeacher` — θ₀. Under LoRA (peft) it is the student with its adapter disabled: one model,
   no copy. Under full fine-tuning it is a deep-copied, frozen model.
 - `EMATeacher` — full fine-tuning: φ ← β φ + (1−β) θ every N optimizer steps over every parameter;
-  buffers are copied. ZeRO-3 partitioned parameters are gathered with
-  `deepspeed.zero.GatheredParameters` (guarded import: deepspeed is not installed in the dev env, so
-  that path is written but only exercised where deepspeed runs).
+  buffers are copied. Under ZeRO-3 both the student and the teacher (`unisd.distributed.partitioned_copy`,
+  fp32) are partitioned: each update gathers θ (read only) and φ (modified on rank 0, re-partitioned from
+  it) with `deepspeed.zero.GatheredParameters`; the head weight the loss reads and the checkpointed state are
+  gathered the same way (tested against the single-process EMA under `DS_ACCELERATOR=cpu torchrun`).
 - `LoraEMATeacher` — LoRA: one base model with a second adapter "teacher" whose weights are the EMA
   of the student adapter's. Note EMA(A)·EMA(B) ≠ EMA(B·A): averaging the factors is not averaging
   the low-rank update ΔW = B·A, it is a cheap proxy that stays rank-r. `faithful=True` reproduces the
@@ -95,6 +96,13 @@ def _is_zero3_partitioned(params: Iterable[Tensor]) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
 
 
+def _is_available(param: Tensor) -> bool:
+    """A ZeRO-3 parameter that is whole right now (inside a GatheredParameters context or a module's forward)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return getattr(param, "ds_status", None) == ZeroParamStatus.AVAILABLE
+
+
 @contextlib.contextmanager
 def _gathered(read: list[Tensor], write: list[Tensor]) -> Iterator[None]:
     """Make ZeRO-3 partitioned parameters whole for the duration; `write` ones are re-partitioned
@@ -158,13 +166,44 @@ class EMACadence:
         return None if optimizer_step % self.every else self.beta
 
 
+def _local(t: Tensor) -> Tensor:
+    """A tensor's values on this rank: its ZeRO-3 shard (`ds_tensor`) when partitioned, else itself."""
+    return t.ds_tensor if hasattr(t, "ds_tensor") else t
+
+
+def _sum_over_shards(values: list[float], partitioned: bool) -> list[float]:
+    """Sum per-rank partial sums over the ranks when the tensors were ZeRO-3 shards (a collective)."""
+    import torch.distributed as dist
+
+    if not (partitioned and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
 def _gap_stats(pairs: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    """ema/teacher_student_gap = ‖φ − θ‖ / ‖θ‖ over (teacher, student) tensor pairs (ZeRO-3: local shards)."""
+    """ema/teacher_student_gap = ‖φ − θ‖ / ‖θ‖ over (teacher, student) tensor pairs (ZeRO-3: the shards of
+    every rank, summed)."""
+    pairs = list(pairs)
+    partitioned = _is_zero3_partitioned([t for pair in pairs for t in pair])
     gap = norm = 0.0
     for phi, theta in pairs:
+        phi, theta = _local(phi), _local(theta)
         gap += float((phi.float() - theta.float()).pow(2).sum())
         norm += float(theta.float().pow(2).sum())
+    gap, norm = _sum_over_shards([gap, norm], partitioned)
     return {"ema/teacher_student_gap": (gap**0.5) / max(norm**0.5, 1e-12)}
+
+
+def _full_weight(weight: Tensor) -> Tensor:
+    """The detached weight; a gathered full copy when it is a ZeRO-3 shard (the chunked loss reads all of it)."""
+    if not _is_zero3_partitioned([weight]) or _is_available(weight):
+        return weight.detach()
+    with _gathered([weight], []):
+        return weight.detach().clone()
 
 
 class FrozenTeacher:
@@ -196,7 +235,7 @@ class FrozenTeacher:
                 yield self.model
 
     def head_weight(self) -> Tensor | None:
-        return None if self.uses_adapter else _head_of(self.model).weight.detach()
+        return None if self.uses_adapter else _full_weight(_head_of(self.model).weight)
 
     def step(self) -> bool:
         self.optimizer_steps += 1
@@ -251,7 +290,7 @@ class EMATeacher:
             yield self.model
 
     def head_weight(self) -> Tensor | None:
-        return _head_of(self.model).weight.detach()
+        return _full_weight(_head_of(self.model).weight)
 
     def step(self) -> bool:
         self.optimizer_steps += 1
@@ -271,6 +310,31 @@ class EMATeacher:
         for (_, buf_t), (_, buf_s) in zip(self.model.named_buffers(), self.student.named_buffers()):
             buf_t.copy_(buf_s)
         self.updates += 1
+
+    @torch.no_grad()
+    def state_tensors(self) -> dict[str, Tensor]:
+        """φ by parameter name, full tensors on CPU (ZeRO-3: gathered; a collective), plus the buffers."""
+        out = {}
+        for name, phi in self.model.named_parameters():
+            with _gathered([phi], []):
+                out[name] = phi.detach().cpu().clone()
+        for name, buf in self.model.named_buffers():
+            out[name] = buf.detach().cpu().clone()
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
+        """Restore φ from `state_tensors` output (ZeRO-3: re-partitioned from rank 0's copy; a collective)."""
+        params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
+        missing = sorted(set(params) - set(state))
+        if missing:
+            raise ValueError(f"the saved EMA teacher lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        for name, phi in params.items():
+            with _gathered([], [phi]):
+                phi.copy_(state[name].to(phi.dtype))
+        for name, buf in buffers.items():
+            if name in state:
+                buf.copy_(state[name].to(buf.dtype))
 
     @torch.no_grad()
     def drift(self) -> dict[str, float]:
@@ -358,6 +422,8 @@ class LoraEMATeacher:
             for phi, theta in self.pairs:
                 phi.copy_(theta)
                 phi.requires_grad_(False)
+        # The EMA state in fp32 (φ itself may be bf16 under DeepSpeed bf16, where (1−β)(θ−φ) rounds away).
+        self.masters = [phi.detach().float().clone() for phi, _ in self.pairs]
         self.initial = [phi.detach().clone() for phi, _ in self.pairs]  # φ₀: how far the teacher moved
         self.beta, self.every, self.faithful = float(beta), int(every), faithful
         if faithful:
@@ -398,10 +464,20 @@ class LoraEMATeacher:
     def update(self, decay: float | None = None) -> None:
         decay = self.beta if decay is None else decay
         if not self.faithful:
-            for phi, theta in self.pairs:
+            for (phi, theta), master in zip(self.pairs, self.masters):
                 with _gathered([theta], [phi]):
-                    phi.lerp_(theta.to(phi.dtype), 1.0 - decay)
+                    master.lerp_(theta.float(), 1.0 - decay)
+                    phi.copy_(master)
         self.updates += 1
+
+    @torch.no_grad()
+    def load_masters(self, tensors: list[Tensor]) -> None:
+        """Restore the teacher adapter (fp32 EMA state and φ) from saved tensors in pair order."""
+        if len(tensors) != len(self.pairs):
+            raise ValueError(f"{len(tensors)} saved teacher tensors, the adapter has {len(self.pairs)}")
+        for (phi, _), master, saved in zip(self.pairs, self.masters, tensors):
+            master.copy_(saved.float())
+            phi.copy_(saved.to(phi.dtype))
 
     @torch.no_grad()
     def drift(self) -> dict[str, float]:
