@@ -166,6 +166,23 @@ def prepare_op(config: Input[Artifact], prepared: Output[Dataset]):
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def data_check_op(config: Input[Artifact], prepared: Input[Dataset], run_id: str) -> str:
+    """ "train", or "skip" when a scheduled run's data is what the champion was trained on."""
+    from unisd.pipeline_steps import data_check, parse_config
+
+    return data_check(parse_config(open(config.path).read()), prepared.path, run_id)
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def starting_model_op(config: Input[Artifact], run_id: str, model: Output[Model]):
+    """The model round 0 starts from: the champion's weights, or a marker meaning the base model."""
+    from unisd.pipeline_steps import parse_config, starting_model
+
+    start = starting_model(parse_config(open(config.path).read()), run_id, model.path)
+    model.metadata.update(start)
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def contexts_op(config: Input[Artifact], prepared: Input[Dataset], contexts: Output[Dataset]):
     """K auxiliary contexts (random / retrieval / induced) and negative demonstrations per item."""
     from unisd.pipeline_steps import contexts as run
@@ -374,11 +391,19 @@ def register_op(
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def promote_op(config: Input[Artifact], version: str):
-    """Move the `champion` alias to this version."""
+def promote_op(config: Input[Artifact], version: str, decision: str):
+    """Move the `champion` alias to this version when the gate's decision says so (a step that always runs:
+    kfp.local 2.17 never enters a dsl.If on one field of a multi-output task, so promotion is decided here)."""
+    import json
+    import logging
+
     from unisd.pipeline_steps import parse_config, promote
 
-    promote(parse_config(open(config.path).read()), version)
+    gate = json.loads(decision)
+    if gate.get("promote"):
+        promote(parse_config(open(config.path).read()), version)
+    else:
+        logging.getLogger("unisd").info("not promoting version %s: %s", version or "-", gate.get("reason"))
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)

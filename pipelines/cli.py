@@ -492,6 +492,9 @@ def local_run_summary(run_dir: Path, *, tracking_uri: str, elapsed_s: float) -> 
     md = sorted(run_dir.glob("report-op*/markdown"))
     evals = [read_json(p) for p in sorted(run_dir.glob("**/results/results.json"))]
     gate = sorted(run_dir.glob("register-op*/executor_output.json"))
+    check = sorted(run_dir.glob("**/data-check-op/executor_output.json"))
+    start = sorted(run_dir.glob("**/starting-model-op/**/start.json"))
+    prepared = [p for p in run_dir.glob("**/prepare-op/**/manifest.json")]
     return {
         "run_dir": str(run_dir),
         "elapsed_s": round(elapsed_s, 1),
@@ -502,6 +505,13 @@ def local_run_summary(run_dir: Path, *, tracking_uri: str, elapsed_s: float) -> 
         ],
         "decision": json.loads(read_json(gate[-1])["parameterValues"]["decision"]) if gate else None,
         "tracking_uri": tracking_uri,
+        "retrain_check": {
+            "train": read_json(check[-1])["parameterValues"]["Output"] == "train",
+            **(read_json(start[-1]) if start else {"champion": "", "reason": "skipped (see the MLflow run)"}),
+            "data_hash": read_json(prepared[-1])["counts"].get("data_hash", "") if prepared else "",
+        }
+        if check
+        else None,
     }
 
 

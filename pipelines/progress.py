@@ -29,6 +29,8 @@ TITLES = {
     "start-tracking-op": "MLflow run",
     "end-tracking-op": "end MLflow run",
     "prepare-op": "prepare",
+    "data-check-op": "data check",
+    "starting-model-op": "starting model",
     "contexts-op": "contexts",
     "shard-indices-op": "shards",
     "rollout-op": "rollout",
@@ -43,14 +45,16 @@ TITLES = {
 
 
 def expected_tasks(*, rounds: int, shards: int, benchmarks: int) -> int:
-    """Tasks of one local run (promote counted: it runs only when the gate promotes; the exit step too)."""
-    return 5 + rounds * (2 * shards + 3) + 2 * benchmarks + 4
+    """Tasks of one local run (the exit step counted)."""
+    return 7 + rounds * (2 * shards + 3) + 2 * benchmarks + 4
 
 
 def _key_counts(task_dir: Path) -> str:
     """The one or two numbers worth seeing for a finished task, read from its output folder."""
     found = sorted(task_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
     results = sorted(task_dir.glob("*/results.json"))
+    if start := sorted(task_dir.glob("*/start.json")):
+        return read_json(start[-1])["reason"]
     if results:
         agg = read_json(results[-1])["aggregate"]
         return f"{agg['benchmark']} {agg.get('role', '')}: {agg['metric']} {agg['score']:.3f} ({agg['items']} items)"
@@ -187,6 +191,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines = ["", f"{'benchmark':<16}{'base':<22}{'adapted':<22}", "-" * 60]
     for bench, roles in sorted(by.items()):
         lines.append(f"{bench:<16}{cell(roles.get('base')):<22}{cell(roles.get('adapted')):<22}")
+    check = summary.get("retrain_check") or {}
+    if check and not check.get("train"):
+        return ["", f"skipped: {check['reason']}"]
     decision = summary.get("decision") or {}
     if decision:
         verdict = "PROMOTED to champion" if decision.get("promote") else "not promoted"

@@ -2,10 +2,11 @@
 parameter annotations at definition time).
 
     ExitHandler(end MLflow run) {
-      resolve config → start MLflow run (checks the server first) → prepare → contexts (+ negatives)
+      resolve config → start MLflow run (checks the server first) → prepare → data check
+      → If(data changed, or no skip asked) { starting model (champion or base) → contexts (+ negatives)
       → R rounds of { rollout ×shards (ParallelFor) → merge → score ×shards (ParallelFor) → merge → train }
-      → eval per benchmark, base and adapted (ParallelFor) → register (alias challenger) → If(gate): promote
-      → report (HTML + Markdown)
+      → eval per benchmark, base and adapted (ParallelFor) → register (alias challenger) → promote (if the gate says so)
+      → report (HTML + Markdown) }
     }
 
 The exit task runs whatever happens inside (a failed stage included): it replays what MLflow missed and
@@ -29,6 +30,7 @@ from kfp import dsl
 
 from components.stages import (
     contexts_op,
+    data_check_op,
     end_tracking_op,
     eval_op,
     merge_shards_op,
@@ -41,6 +43,7 @@ from components.stages import (
     score_op,
     shard_indices_op,
     start_tracking_op,
+    starting_model_op,
     train_op,
 )
 
@@ -152,6 +155,8 @@ PLACEMENT: dict[str, tuple[str, ...]] = {
     "start-tracking": ("cpu",),
     "end-tracking": ("cpu",),
     "prepare": ("cpu",),
+    "data-check": ("cpu",),
+    "starting-model": ("cpu",),
     "contexts": ("gpu", "sandbox"),
     "shards": (),
     "rollout": ("gpu",),
@@ -176,8 +181,9 @@ def place(task, stage: str, title: str, settings: ClusterSettings | None):
 
 def distillation_round(r: int, *, config, prepared, contexts, shards, num_shards, student, settings):
     """One staged round's data: rollout ×shards → gather → score ×shards → gather. Returns the gathered
-    (rollouts, scores) tasks. Round 0 samples from the base model: the optional `student` input is left out."""
-    from_student = {"student": student} if student is not None else {}
+    (rollouts, scores) tasks. Round 0's `student` is the retrain check's output: the champion's weights, or
+    a folder that says "the base model"."""
+    from_student = {"student": student}
     with dsl.ParallelFor(shards.output, name=f"rollout-round-{r}") as shard:
         roll = rollout_op(
             config=config, prepared=prepared, shard=shard, num_shards=num_shards, **from_student
@@ -204,8 +210,8 @@ def distillation_round(r: int, *, config, prepared, contexts, shards, num_shards
 
 
 def evaluate_register_report(*, config, prepared, benchmarks, student, scores, run, settings):
-    """Eval per benchmark (base and distilled, ParallelFor) → register (alias challenger) → If(gate):
-    promote → report."""
+    """Eval per benchmark (base and distilled, ParallelFor) → register (alias challenger) → promote (when the
+    gate says so) → report."""
     with dsl.ParallelFor(benchmarks, name="eval-benchmarks") as bench:
         base_eval = place(
             eval_op(config=config, prepared=prepared, benchmark=bench),
@@ -232,13 +238,8 @@ def evaluate_register_report(*, config, prepared, benchmarks, student, scores, r
         **evals(),
     )
     place(gate, "register", "Register model + promotion gate", settings)
-    with dsl.If(gate.outputs["promote"] == True, name="promote-if-better"):  # noqa: E712 (KFP condition)
-        place(
-            promote_op(config=config, version=gate.outputs["version"]),
-            "promote",
-            "Promote to champion",
-            settings,
-        )
+    promote = promote_op(config=config, version=gate.outputs["version"], decision=gate.outputs["decision"])
+    place(promote, "promote", "Promote to champion (if the gate says so)", settings)
     rep = report_op(
         config=config,
         run_id=run.outputs["run_id"],
@@ -284,34 +285,42 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
         prep = place(prepare_op(config=cfg), "prepare", "Prepare data", settings)
         prep.after(run)  # MLflow down → the pipeline stops in seconds, before any expensive stage
         prepared = prep.outputs["prepared"]
-        ctx = place(
-            contexts_op(config=cfg, prepared=prepared), "contexts", "Auxiliary contexts + negatives", settings
-        )
-        shards = place(shard_indices_op(num_shards=num_shards), "shards", "Shards", settings)
-        student = scores = None
-        for r in range(rounds):
-            round_data = dict(config=cfg, prepared=prepared, contexts=ctx.outputs["contexts"])
-            rollouts, scores = distillation_round(
-                r, **round_data, shards=shards, num_shards=num_shards, student=student, settings=settings
+        check = data_check_op(config=cfg, prepared=prepared, run_id=run.outputs["run_id"])
+        place(check, "data-check", "Data changed since the champion?", settings)
+        with dsl.If(check.output == "train", name="data-changed"):
+            start = starting_model_op(config=cfg, run_id=run.outputs["run_id"])
+            place(start, "starting-model", "Starting model (champion or base)", settings)
+            ctx = place(
+                contexts_op(config=cfg, prepared=prepared),
+                "contexts",
+                "Auxiliary contexts + negatives",
+                settings,
             )
-            tr = train_op(
-                **round_data,
-                rollouts=rollouts.outputs["merged"],
+            shards = place(shard_indices_op(num_shards=num_shards), "shards", "Shards", settings)
+            student, scores = start.outputs["model"], None  # round 0: the champion's weights or the base
+            for r in range(rounds):
+                round_data = dict(config=cfg, prepared=prepared, contexts=ctx.outputs["contexts"])
+                rollouts, scores = distillation_round(
+                    r, **round_data, shards=shards, num_shards=num_shards, student=student, settings=settings
+                )
+                tr = train_op(
+                    **round_data,
+                    rollouts=rollouts.outputs["merged"],
+                    scores=scores.outputs["merged"],
+                    run_id=run.outputs["run_id"],
+                    round_index=r,
+                    previous=student,
+                )
+                student = place(tr, "train", f"Distillation training (round {r})", settings).outputs["model"]
+            evaluate_register_report(
+                config=cfg,
+                prepared=prepared,
+                benchmarks=benchmarks,
+                student=student,
                 scores=scores.outputs["merged"],
-                run_id=run.outputs["run_id"],
-                round_index=r,
-                **({"previous": student} if student is not None else {}),
+                run=run,
+                settings=settings,
             )
-            student = place(tr, "train", f"Distillation training (round {r})", settings).outputs["model"]
-        evaluate_register_report(
-            config=cfg,
-            prepared=prepared,
-            benchmarks=benchmarks,
-            student=student,
-            scores=scores.outputs["merged"],
-            run=run,
-            settings=settings,
-        )
 
     @dsl.pipeline(
         name=PIPELINE_NAME,

@@ -16,6 +16,8 @@ STAGES = [
     "start-tracking-op",
     "end-tracking-op",
     "prepare-op",
+    "data-check-op",
+    "starting-model-op",
     "contexts-op",
     "shard-indices-op",
     "rollout-op",

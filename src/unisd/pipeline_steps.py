@@ -139,9 +139,12 @@ def stage_dirs(paths: str | Path | Sequence[str | Path] | None, payload: str) ->
     return found
 
 
+NO_MODEL = "no_model.json"  # a retrain-check output that starts round 0 from the base model
+
+
 def student_spec(cfg: RunConfig, student_dir: str | None) -> str:
     """The model a stage runs: the base model, or a train folder's merged student (a model folder as is)."""
-    if not student_dir:
+    if not student_dir or (Path(student_dir) / NO_MODEL).exists():
         return cfg.model
     merged = Path(student_dir) / "merged"
     if (merged / "config.json").exists():
@@ -256,6 +259,8 @@ def train(
     tcfg = cfg.train
     if previous and (Path(previous) / "adapter").exists():
         tcfg = tcfg.model_copy(update={"init_adapter": str(Path(previous) / "adapter")})
+    elif previous and not tcfg.lora.enabled and (Path(previous) / "merged" / "config.json").exists():
+        tcfg = tcfg.model_copy(update={"init_model": str(Path(previous) / "merged")})  # full FT continues
     if previous and (Path(previous) / EMA_TEACHER_FILE).exists() and obj.teacher == "ema":
         tcfg = tcfg.model_copy(update={"init_teacher": str(Path(previous) / EMA_TEACHER_FILE)})
     manifest = run_train(
@@ -322,6 +327,53 @@ def load_eval_dirs(eval_dirs: Sequence[str]) -> list[dict[str, Any]]:
     return [read_json(Path(d) / "results.json") for d in eval_dirs if (Path(d) / "results.json").exists()]
 
 
+RETRAIN, SKIP = "train", "skip"  # data_check's answer (one string: kfp.local's If reads single outputs only)
+
+
+def data_check(cfg: RunConfig, prepared_dir: str, run_id: str) -> str:
+    """Before any expensive stage of a (scheduled) run: SKIP when `retrain.skip_unchanged_data` and the
+    champion was trained on this very data (the reason tagged on the MLflow run), else RETRAIN."""
+    from unisd import tracking
+
+    if not cfg.retrain.skip_unchanged_data:
+        return RETRAIN
+    data_hash = read_json(Path(prepared_dir) / "manifest.json")["counts"].get("data_hash", "")
+    champion = tracking.current_champion(cfg.tracking)
+    if champion is None or tracking.version_tags(cfg.tracking, champion).get("data_hash") != data_hash:
+        return RETRAIN
+    reason = (
+        f"data unchanged since champion version {champion} was trained (data_hash {data_hash[:12]}): "
+        "not retraining"
+    )
+    tracking.set_tags(cfg.tracking, run_id, {"skipped": "true", "skipped_reason": reason})
+    log.info("data check: %s", reason)
+    return SKIP
+
+
+def starting_model(cfg: RunConfig, run_id: str, out_dir: str) -> dict:
+    """The model round 0 starts from, as a train-output folder: the champion's registered weights
+    (`retrain.continue_from_champion`, tagged on the run) or a NO_MODEL marker (the base model)."""
+    from unisd import tracking
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    champion = tracking.current_champion(cfg.tracking) if cfg.retrain.continue_from_champion else None
+    if champion is not None:
+        tags = tracking.download_version_model(cfg.tracking, champion, out)
+        start = {
+            "champion": champion,
+            "reason": f"continuing from champion version {champion} (trained on data_hash "
+            f"{tags.get('data_hash', '')[:12]})",
+        }
+        tracking.set_tags(cfg.tracking, run_id, {"continued_from_version": champion})
+    else:
+        start = {"champion": "", "reason": "round 0 starts from the base model"}
+        write_json(out / NO_MODEL, start)
+    write_json(out / "start.json", start)
+    log.info("starting model: %s", start["reason"])
+    return start
+
+
 def register_and_gate(
     cfg: RunConfig,
     run_id: str,
@@ -353,6 +405,19 @@ def register_and_gate(
     decision = tracking.decide_promotion(
         cfg.tracking, challenger, base_items=base, challenger_version=version
     )
+    guard = tracking.retention_refusal(
+        cfg.tracking,
+        [r["aggregate"] for r in results if r["aggregate"].get("role") == "adapted"],
+        decision.get("per_benchmark", {}),
+    )
+    if guard and decision["promote"]:
+        decision |= {
+            "promote": False,
+            "reason": f"{decision['reason']}; but {guard}",
+            "retention_guard": guard,
+        }
+    elif guard:
+        decision["retention_guard"] = guard
     decision["version"] = version
     tracking.log_promotion(cfg.tracking, run_id, decision, version=version)
     return decision

@@ -36,6 +36,13 @@ class PipelineSettings(StrictModel):
     pipeline_root: str = Field("runs/kfp", min_length=1)  # local runs: one folder per run under it
 
 
+class RetrainConfig(StrictModel):
+    """Scheduled retraining (`unisd schedule`): retrain only on new data, optionally from the champion."""
+
+    skip_unchanged_data: bool = False  # the champion was trained on this data_hash: skip, reason in MLflow
+    continue_from_champion: bool = False  # round 0 starts from the champion's weights instead of the base
+
+
 class RunConfig(StrictModel):
     model: str = Field("smollm2-135m-instruct", min_length=1)
     preset: str = Field("unisd_star", min_length=1)
@@ -48,6 +55,7 @@ class RunConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     pipeline: PipelineSettings = PipelineSettings()
+    retrain: RetrainConfig = RetrainConfig()
 
     def objective_config(self) -> ObjectiveConfig:
         if self.preset not in PRESETS:

@@ -64,7 +64,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,6 +105,12 @@ class TrackingConfig(StrictModel):
     promotion_min_items: int = Field(5, ge=1)  # fewer shared items than this: no decision, no promotion
     promotion_confidence: float = Field(0.95, gt=0, lt=1)
     promotion_resamples: int = Field(2000, ge=100)
+    # Retention guards (None = off): a challenger that learns its data by forgetting is not promoted.
+    promotion_max_retention_ppl: float | None = Field(None, gt=0)  # PPL_ret of any adapted eval above: refuse
+    promotion_max_retention_jsd: float | None = Field(None, ge=0)  # JSD to the base above: refuse
+    # per benchmark, challenger − baseline mean below −this: refuse (keep earlier data's held-out set among
+    # the evals, e.g. in prepare.eval_only, so forgetting it shows here)
+    promotion_max_regression: float | None = Field(None, ge=0)
     retries: int | None = Field(None, ge=0)  # cap on retries per call; None = until retry_for_s is spent
     retry_for_s: float = Field(300.0, ge=0)  # how long one call keeps retrying a server that is down
     backoff_s: float = Field(1.0, gt=0)
@@ -1307,6 +1313,55 @@ def decide_promotion(
         n_resamples=cfg.promotion_resamples,
     )
     return decision | {"baseline": baseline, "champion_version": champion}
+
+
+def retention_refusal(
+    cfg: TrackingConfig,
+    adapted: Sequence[Mapping[str, Any]],
+    per_benchmark: Mapping[str, Mapping[str, float]],
+) -> str | None:
+    """Why the retention guards refuse a challenger (None: they pass or are off). `adapted`: the adapted
+    model's eval aggregates; `per_benchmark`: promotion_decision's {benchmark: {delta, n}}."""
+    broken = []
+    for agg in adapted:
+        name = agg.get("benchmark", "?")
+        for key, bound in (
+            ("retention_ppl", cfg.promotion_max_retention_ppl),
+            ("retention_jsd", cfg.promotion_max_retention_jsd),
+        ):
+            value = agg.get(key)
+            if bound is not None and isinstance(value, int | float) and not value <= bound:  # NaN breaks too
+                broken.append(f"{name}: {key} {value:.4g} > {bound:g}")
+    if cfg.promotion_max_regression is not None:
+        for name, entry in sorted(per_benchmark.items()):
+            if entry["delta"] < -cfg.promotion_max_regression:
+                broken.append(
+                    f"{name or 'items'}: {entry['delta']:+.4f} vs the baseline (regression bound "
+                    f"-{cfg.promotion_max_regression:g})"
+                )
+    if not broken:
+        return None
+    return "retention guard: " + "; ".join(broken) + ": not promoting"
+
+
+def download_version_model(cfg: TrackingConfig, version: str, dst: str | Path) -> dict[str, str]:
+    """The registered `version`'s model (`model/adapter`, `model/merged`) into `dst` (a train-output layout:
+    dst/adapter, dst/merged). Returns its version tags."""
+    import shutil
+
+    mv = _call(
+        cfg, f"get version {version}", lambda c: c.get_model_version(cfg.registered_model, str(version))
+    )
+    dst = Path(dst)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _call(
+            cfg,
+            f"download version {version}'s model",
+            lambda c: c.download_artifacts(mv.run_id, MODEL_ARTIFACT_PATH, dst_path=tmp),
+        )
+        for part in Path(local).iterdir():
+            shutil.move(str(part), dst / part.name)
+    return dict(mv.tags)
 
 
 def log_promotion(
