@@ -42,7 +42,11 @@ from s3_server import S3Server, clear_fsspec_cache
 
 REPO = Path(__file__).resolve().parents[1]
 # kfp.local says that resources/accelerators/display names have no effect locally: known, listed above
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Task .* have no effect:UserWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:Task .* have no effect:UserWarning")
+DATA = {  # the cluster settings for data (ConfigMap keys) and the namespace's data Secret
+    "UNISD_DATA_SOURCE": "s3://unisd-data/v1",
+    "UNISD_DATA_ENV_FROM": "unisd-data-s3",
+}
 
 # What the train image sets where its ENV names these folders (docker/train.Dockerfile).
 IMAGE_VENV, IMAGE_CODE, IMAGE_CACHE, POD_TMP = "/opt/venv", "/opt/unisd", "/cache", "/tmp"
@@ -148,7 +152,7 @@ def tiny_config(path: Path) -> Path:
     """configs/demo.yaml on the tiny random model: MBPP + CommonsenseQA, UniSD*, one shard, one step."""
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     config["model"] = "tiny:llama"
-    config["prepare"].update(train_limit=4, eval_limit=3, data_dir="s3://unisd-data/v1")
+    config["prepare"].update(train_limit=4, eval_limit=3)
     config["contexts"].update(negative_max_tokens=12, induced_max_tokens=12)
     config["rollout"]["max_new_tokens"] = 12
     config["eval"].update(limit=3, max_new_tokens=16, bootstrap_samples=200)
@@ -159,6 +163,7 @@ def tiny_config(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeypatch):
     from kfp import components, local
     from kfp.local import subprocess_task_handler
@@ -183,6 +188,8 @@ def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeyp
 
         # compile and send as `unisd submit` does, with the cluster settings of the ConfigMap
         monkeypatch.setenv("UNISD_MLFLOW_TRACKING_URI", server.uri)
+        for key, value in DATA.items():
+            monkeypatch.setenv(key, value)
         config = tiny_config(tmp_path / "tiny.yaml")
         cfg = load_run_config(config, check_paths=False)
         arguments = submitted_arguments(cfg, remote_tracking_uri(cfg, None))
@@ -193,19 +200,13 @@ def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeyp
         for label, executor in executors.items():
             fn = function_of(executor["container"]["command"] + executor["container"]["args"])
             assert by_function.setdefault(fn, platform.get(label, {})) == platform.get(label, {}), fn
-        # TEMPORARY (until the IR gives the prepare pod its data credentials): S3 access for every pod
-        node_env = s3.env
-
         PodTaskHandler.platform = by_function
-        PodTaskHandler.secrets = {}
+        # the Secret holds what an operator puts there for MinIO / S3: keys, region, endpoint
+        PodTaskHandler.secrets = {DATA["UNISD_DATA_ENV_FROM"]: s3.env}
         PodTaskHandler.volumes = tmp_path / "volumes"
         PodTaskHandler.pods = tmp_path / "pods"
         PodTaskHandler.rewrite = {IMAGE_VENV: sys.prefix, IMAGE_CODE: str(image_copy(tmp_path / "image"))}
         PodTaskHandler.launched = []
-        original_env = PodTaskHandler.pod_env
-        monkeypatch.setattr(
-            PodTaskHandler, "pod_env", lambda self, fn, s: original_env(self, fn, s) | node_env
-        )
         monkeypatch.setattr(subprocess_task_handler, "SubprocessTaskHandler", PodTaskHandler)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
         pipeline = components.load_component_from_file(str(package))
@@ -229,9 +230,15 @@ def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeyp
         expected = set(by_function) - {"promote_op"}
         assert expected <= set(ran), expected - set(ran)
         assert len({p["cwd"] for p in launched}) == len(launched)
+        # only the prepare pod got the data location and the credentials (from the IR: env + Secret)
         for pod in launched:
-            assert "UNISD_DATA_DIR" not in pod["env"] and str(REPO / "src") not in pod["env"]["PYTHONPATH"]
-            assert not any(k.startswith("AWS_") for k in pod["env"] if k not in node_env), pod["function"]
+            assert str(REPO / "src") not in pod["env"]["PYTHONPATH"]
+            data_env = {k: v for k, v in pod["env"].items() if k.startswith("AWS_") or k == "UNISD_DATA_DIR"}
+            if pod["function"] == "prepare_op":
+                assert data_env["UNISD_DATA_DIR"] == "s3://unisd-data/v1"
+                assert data_env["AWS_ENDPOINT_URL"] == s3.endpoint and data_env["AWS_ACCESS_KEY_ID"] == "test"
+            else:
+                assert not data_env, pod["function"]
 
         # prepare read the built-ins from the bucket (there is no other copy in the pods' reach)
         (sources_file,) = (tmp_path / "root").glob("**/prepared/snapshot/sources.json")
@@ -254,3 +261,59 @@ def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeyp
         assert decision["version"] == "1" and "promote" in decision
         assert ("promote_op" in ran) == bool(decision["promote"])
         assert list((tmp_path / "root").glob("**/report-op*/html"))
+
+
+def compiled_ir(tmp_path: Path, monkeypatch, **settings: str) -> tuple[dict, dict]:
+    """(container env by function, platform spec by function) of `unisd compile` under these settings."""
+    from pipelines.cli import compile_pipeline
+
+    for key in ("UNISD_DATA_SOURCE", "UNISD_DATA_PVC", "UNISD_DATA_MOUNT_PATH", "UNISD_DATA_ENV_FROM"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    spec, platform = ir_of(compile_pipeline(tmp_path / "p.yaml", cluster=True))
+    env, placement = {}, {}
+    for label, executor in spec["deploymentSpec"]["executors"].items():
+        fn = function_of(executor["container"]["command"] + executor["container"]["args"])
+        env[fn] = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        placement[fn] = platform.get(label, {})
+    return env, placement
+
+
+def test_only_the_prepare_pod_gets_the_data_env_volume_and_secret(tmp_path, monkeypatch):
+    env, placement = compiled_ir(
+        tmp_path,
+        monkeypatch,
+        UNISD_DATA_SOURCE="benchmarks/v1",  # a path on the data PVC, relative to its mount
+        UNISD_DATA_PVC="team-data",
+        UNISD_DATA_MOUNT_PATH="/mnt/data",
+        UNISD_DATA_ENV_FROM="team-data-s3",
+    )
+    assert env["prepare_op"]["UNISD_DATA_DIR"] == "/mnt/data/benchmarks/v1"
+    assert {"constant": "team-data", "mountPath": "/mnt/data"}.items() <= placement["prepare_op"]["pvcMount"][
+        0
+    ].items()
+    (data_secret,) = [s for s in placement["prepare_op"]["secretAsEnv"] if s["secretName"] == "team-data-s3"]
+    assert data_secret["optional"] is True
+    keys = {k["secretKey"]: k["envVar"] for k in data_secret["keyToEnv"]}
+    assert keys["AWS_ACCESS_KEY_ID"] == "AWS_ACCESS_KEY_ID" and "AWS_ENDPOINT_URL" in keys
+    for fn in set(env) - {"prepare_op"}:  # train, eval, contexts, …: they read the prepare snapshot
+        assert "UNISD_DATA_DIR" not in env[fn], fn
+        assert all(m["constant"] != "team-data" for m in placement[fn].get("pvcMount", [])), fn
+        assert all(s["secretName"] != "team-data-s3" for s in placement[fn].get("secretAsEnv", [])), fn
+    assert {"train_op", "eval_op", "contexts_op"} <= set(env)
+
+
+def test_data_settings_defaults_and_refusals(tmp_path, monkeypatch):
+    env, placement = compiled_ir(tmp_path, monkeypatch)  # no data settings: prepare uses the config's
+    assert "UNISD_DATA_DIR" not in env["prepare_op"] and "pvcMount" not in placement["prepare_op"]
+    assert {s["secretName"] for s in placement["prepare_op"]["secretAsEnv"]} == {"unisd-mlflow-auth"}
+
+    env, _ = compiled_ir(tmp_path, monkeypatch, UNISD_DATA_SOURCE="gs://bucket/unisd-data/")
+    assert env["prepare_op"]["UNISD_DATA_DIR"] == "gs://bucket/unisd-data/"
+    with pytest.raises(ValueError, match=r"UNISD_DATA_SOURCE='/srv/data' is a path, but UNISD_DATA_PVC"):
+        compiled_ir(tmp_path, monkeypatch, UNISD_DATA_SOURCE="/srv/data")
+    with pytest.raises(
+        ValueError, match=r"not under the data PVC's mount path UNISD_DATA_MOUNT_PATH='/data'"
+    ):
+        compiled_ir(tmp_path, monkeypatch, UNISD_DATA_SOURCE="/srv/data", UNISD_DATA_PVC="team-data")
