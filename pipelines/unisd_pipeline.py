@@ -154,9 +154,31 @@ def _gpu(task, settings: ClusterSettings, *, timeout_s: int = 6 * 3600):
     kubernetes.mount_pvc(task, pvc_name=settings.cache_pvc, mount_path=settings.cache_mount_path)
     task.set_env_variable("HF_HOME", f"{settings.cache_mount_path}/hf")
     task.set_env_variable("UNISD_CACHE_DIR", f"{settings.cache_mount_path}/unisd")
+    _progress(task, settings)
     kubernetes.set_timeout(task, timeout_s)
     task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
     return _secrets(task, settings)
+
+
+# The run's name, for run-scoped progress folders: the Argo workflow of a KFP run (unique per run, the same
+# for a retried pod). KFP does not resolve its {{$.pipeline_job_uuid}} placeholders in env values (its
+# driver copies them verbatim), so the pod reads the name from its own label (downward API), and
+# unisd.artifacts.progress_dir expands the $(…) reference (KFP lists that env after the container env).
+RUN_NAME_ENV, RUN_NAME_FIELD = "UNISD_KFP_RUN", "metadata.labels['workflows.argoproj.io/workflow']"
+
+
+def _progress(task, settings: ClusterSettings):
+    """Rollout partials, train checkpoints and eval progress on the cache PVC, per run and task (a ParallelFor
+    iteration adds its shard / benchmark), so a retried pod resumes; its KFP output holds only results."""
+    from kfp import kubernetes
+
+    from unisd.artifacts import PROGRESS_DIR_ENV
+
+    kubernetes.use_field_path_as_env(task, env_name=RUN_NAME_ENV, field_path=RUN_NAME_FIELD)
+    task.set_env_variable(
+        PROGRESS_DIR_ENV, f"{settings.cache_mount_path}/progress/$({RUN_NAME_ENV})/{task.name}"
+    )
+    return task
 
 
 def _secrets(task, settings: ClusterSettings):

@@ -10,7 +10,8 @@ How (what plays the part of what):
   the pod          PodTaskHandler below: a fresh process, cwd an empty folder, TMPDIR/HOME private; its env is
                    ONLY the train image's ENV (parsed from docker/train.Dockerfile), the IR container env,
                    and the IR's kubernetes platform spec (secretAsEnv from the test's "Secrets"; pvcMount →
-                   a local folder per claim, paths under the mount rewritten to it); nothing of this process
+                   a local folder per claim, paths under the mount rewritten to it; fieldPathAsEnv from the
+                   pod's labels, i.e. the run's Argo workflow name); nothing of this process
                    (no UNISD_DATA_DIR, no AWS_* unless a Secret of the IR names it)
   the image        a copy of src/ components/ pipelines/ configs/ in a folder with no ../shared/data next to
                    it (the dev fallback of the data loader cannot find the benchmarks), on this venv's python
@@ -22,6 +23,7 @@ next task reads in place, not copies downloaded from the object store), the pyth
 image's ENV applies to every pod, rollout/score included), no retries/timeouts/GPU/node selectors/tolerations,
 pod labels not enforced (no NetworkPolicy), the PVC is a folder by path rewrite (not a mount at /cache), and
 two knobs of this machine: HF_HUB_OFFLINE=1 (no Hub here) and OMP_NUM_THREADS=1 (shared 2-core machine).
+Nothing is killed or retried here (tests/test_pvc_resume.py does that); this test checks where progress goes.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class PodTaskHandler:
     volumes: Path  # each PVC claim is the folder volumes/<claim>
     pods: Path  # one scratch folder per pod
     rewrite: dict[str, str] = {}  # image paths → this machine's (venv, image copy)
+    fields: dict[str, str] = {}  # the pod's downward-API fields (fieldPathAsEnv): labels of the run
     launched: list[dict] = []
 
     def __init__(self, image, full_command, pipeline_root, runner, env_vars=None) -> None:
@@ -110,6 +113,8 @@ class PodTaskHandler:
         # the image installs the package editable from /opt/unisd/src; this venv's install points elsewhere
         env["PYTHONPATH"] = local(f"{IMAGE_CODE}/src:") + env["PYTHONPATH"]
         env |= {k: local(v) for k, v in self.env_vars.items()}  # the IR container env
+        for ref in spec.get("fieldPathAsEnv", []):  # KFP lists these after the container env
+            env[ref["name"]] = self.fields[ref["fieldPath"]]
         for ref in spec.get("secretAsEnv", []):
             secret = self.secrets.get(ref["secretName"])
             if secret is None:
@@ -206,6 +211,7 @@ def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeyp
         PodTaskHandler.volumes = tmp_path / "volumes"
         PodTaskHandler.pods = tmp_path / "pods"
         PodTaskHandler.rewrite = {IMAGE_VENV: sys.prefix, IMAGE_CODE: str(image_copy(tmp_path / "image"))}
+        PodTaskHandler.fields = {"metadata.labels['workflows.argoproj.io/workflow']": "unisd-e2e-x7k2p"}
         PodTaskHandler.launched = []
         monkeypatch.setattr(subprocess_task_handler, "SubprocessTaskHandler", PodTaskHandler)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
@@ -244,8 +250,14 @@ def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeyp
         (sources_file,) = (tmp_path / "root").glob("**/prepared/snapshot/sources.json")
         sources = json.loads(sources_file.read_text())
         assert sources["mbpp"]["source"] == "built-in (s3://unisd-data/v1)", sources["mbpp"]
-        # the GPU pods' cache is the PVC folder
-        assert any((PodTaskHandler.volumes / "unisd-cache").rglob("*"))
+        # the GPU pods' cache is the PVC folder, and so is their progress: run-scoped, per task; the train
+        # output holds the finished adapter, not the checkpoints
+        cache = PodTaskHandler.volumes / "unisd-cache"
+        assert (cache / "unisd").is_dir()
+        progress = cache / "progress" / "unisd-e2e-x7k2p"
+        assert list((progress / "train-op").glob("train-*/checkpoints/step-*/trainer_state.json"))
+        (model_dir,) = (tmp_path / "root").glob("**/train-op*/model")
+        assert (model_dir / "adapter").is_dir() and not (model_dir / "checkpoints").exists()
 
         # MLflow over HTTP: the version registered (challenger), gate decided, the run ended FINISHED
         from mlflow import MlflowClient
