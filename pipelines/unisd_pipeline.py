@@ -15,7 +15,8 @@ returned from inside the ExitHandler (kfp.local cannot). Every expensive stage r
 
 Rounds are unrolled at compile time (`build_pipeline(rounds=R)`); everything else is a run parameter the
 user sets in the Kubeflow UI. Cluster settings (GPU requests, node selectors, tolerations, shm, timeouts,
-retries, secrets, the sandbox pod label) are applied at compile time with `cluster=True`; `kfp.local`
+retries, secrets, the sandbox pod label, the data source/volume/credentials of the prepare pod, run-scoped
+progress folders on the cache PVC) are applied at compile time with `cluster=True`; `kfp.local`
 ignores them, and `unisd run` compiles with `cluster=False` (kubernetes.CreatePVC etc. can't run locally).
 """
 
