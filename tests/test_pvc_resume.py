@@ -11,6 +11,8 @@ empty KFP output folder — resumes instead of starting over, and the output hol
                                                checkpoints in either output folder
     test_rollout_retried_in_a_fresh_output_…   a rollout pod's finished batches on the PVC are kept by the
                                                retry, whose output folder holds only completions + manifest
+    test_eval_retried_in_a_fresh_output_…      an eval pod killed after generating: the retry (new output
+                                               folder) takes every batch from the PVC, generates none
 """
 
 from __future__ import annotations
@@ -192,3 +194,42 @@ def test_rollout_retried_in_a_fresh_output_folder_keeps_the_batches_on_the_pvc(t
     assert [r["id"] for r in done] == ["x/0", "x/1", "x/2", "x/3"] and done[1]["text"] == "KEPT"
     assert sorted(p.name for p in out.iterdir()) == ["completions.jsonl", "manifest.json"]
     assert not (pvc / "partial.jsonl").exists()  # finished: the progress is in completions.jsonl now
+
+
+def test_eval_retried_in_a_fresh_output_folder_reuses_the_generations_on_the_pvc(
+    tmp_path, monkeypatch, tiny_llama
+):
+    from unisd import evaluate, rollout
+    from unisd.evaluate import EvalConfig, run_eval
+    from unisd.prepare import PrepareConfig, run_prepare
+
+    model, tokenizer = tiny_llama
+    prepared = tmp_path / "prepared"
+    run_prepare(
+        PrepareConfig(benchmarks=["commonsenseqa"], train_limit=1, eval_limit=4),
+        model_spec="tiny:llama",
+        out_dir=prepared,
+    )
+    cfg = EvalConfig(limit=4, max_new_tokens=6, batch_size=2, retention=False, reference_fit=False)
+    pvc = tmp_path / "pvc/progress/run-d/eval-op"
+    monkeypatch.setenv(PROGRESS_DIR_ENV, str(pvc))
+    kw = dict(model_spec="tiny:llama", benchmark="commonsenseqa", prepared_dir=prepared, model=model)
+
+    def killed(*args, **kwargs):  # the pod dies after generating, before scoring
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "score_items", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_eval(cfg, out_dir=tmp_path / "attempt-1", tokenizer=tokenizer, **kw)
+    assert not (tmp_path / "attempt-1" / "progress").exists()
+    (greedy,) = pvc.glob("eval-*/progress/greedy.jsonl")  # the progress lives on the PVC
+    assert len(greedy.read_text().splitlines()) == 4
+
+    calls = []
+    real = rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = run_eval(cfg, out_dir=tmp_path / "attempt-2", tokenizer=tokenizer, **kw)
+    assert calls == []  # every batch came from the PVC, none was generated again
+    assert results["aggregate"]["items"] == 4
+    assert not (tmp_path / "attempt-2" / "progress").exists() and not greedy.exists()
