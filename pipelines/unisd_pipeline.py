@@ -169,8 +169,9 @@ RUN_NAME_ENV, RUN_NAME_FIELD = "UNISD_KFP_RUN", "metadata.labels['workflows.argo
 
 
 def _progress(task, settings: ClusterSettings):
-    """Rollout partials, train checkpoints and eval progress on the cache PVC, per run and task (a ParallelFor
-    iteration adds its shard / benchmark), so a retried pod resumes; its KFP output holds only results."""
+    """Rollout partials, train checkpoints and eval progress on the cache PVC, per run and task (each stage
+    adds `<stage>-<inputs hash>`, which tells ParallelFor iterations apart), so a retried pod resumes; its
+    KFP output holds only results."""
     from kfp import kubernetes
 
     from unisd.artifacts import PROGRESS_DIR_ENV
