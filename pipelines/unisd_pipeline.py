@@ -15,14 +15,15 @@ returned from inside the ExitHandler (kfp.local cannot). Every expensive stage r
 
 Rounds are unrolled at compile time (`build_pipeline(rounds=R)`); everything else is a run parameter the
 user sets in the Kubeflow UI. Cluster settings (GPU requests, node selectors, tolerations, shm, timeouts,
-retries, secrets, the sandbox pod label) are applied at compile time with `cluster=True`; `kfp.local`
+retries, secrets, the sandbox pod label, the data source/volume/credentials of the prepare pod, run-scoped
+progress folders on the cache PVC) are applied at compile time with `cluster=True`; `kfp.local`
 ignores them, and `unisd run` compiles with `cluster=False` (kubernetes.CreatePVC etc. can't run locally).
 """
 
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 from kfp import dsl
@@ -43,6 +44,7 @@ from components.stages import (
     start_tracking_op,
     train_op,
 )
+from unisd.data.benchmarks import is_data_uri
 
 PIPELINE_NAME = "unisd-self-distillation"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -50,6 +52,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # then re-allows only what the KFP launcher inside the pod needs (DNS, KFP API, ML Metadata, the artifact
 # store) — model-written code still reaches no internet and no MLflow.
 SANDBOX_LABELS = {"unisd.ai/sandbox": "true", "unisd.ai/sandbox-kfp-launcher": "true"}
+# Keys of the data Secret the prepare pod gets as env vars (each optional: a Secret holds those it needs).
+DATA_SECRET_KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "HF_TOKEN",
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,14 @@ class ClusterSettings:
     cache_mount_path: str = "/cache"
     mlflow_tracking_uri: str = "http://unisd-mlflow.unisd.svc.cluster.local:5000"
     sandbox_labels: dict = field(default_factory=lambda: dict(SANDBOX_LABELS))
+    # Data for the prepare pod only (every later pod reads prepare's snapshot): where the built-in
+    # benchmarks are (an s3:// gs:// az:// URI, or a path on the data PVC), the data PVC and its mount, and
+    # a Secret whose keys become the prepare pod's env (object-storage / Hub credentials, by reference).
+    data_source: str = ""
+    data_pvc: str = ""
+    data_mount_path: str = "/data"
+    data_secret: str = ""
+    data_secret_keys: list = field(default_factory=lambda: list(DATA_SECRET_KEYS))
 
     @classmethod
     def from_env(cls, env=os.environ) -> "ClusterSettings":
@@ -86,7 +105,32 @@ class ClusterSettings:
             cache_mount_path=env.get("UNISD_CACHE_MOUNT_PATH") or default.cache_mount_path,
             mlflow_tracking_uri=env.get("UNISD_MLFLOW_TRACKING_URI") or default.mlflow_tracking_uri,
             sandbox_labels=js("UNISD_SANDBOX_POD_LABELS", default.sandbox_labels),
+            data_source=env.get("UNISD_DATA_SOURCE", "").strip(),
+            data_pvc=env.get("UNISD_DATA_PVC", "").strip(),
+            data_mount_path=env.get("UNISD_DATA_MOUNT_PATH") or default.data_mount_path,
+            data_secret=env.get("UNISD_DATA_ENV_FROM", "").strip(),
+            data_secret_keys=js("UNISD_DATA_ENV_VARS", default.data_secret_keys),
         )
+
+    def data_dir(self) -> str:
+        """What the prepare pod gets as $UNISD_DATA_DIR ("" = none): a URI as is; a path on the data PVC
+        (relative paths are taken under its mount path). A path with no data PVC is refused here, at compile
+        time: no pod would have it."""
+        source = self.data_source
+        if not source or is_data_uri(source):
+            return source
+        if not self.data_pvc:
+            raise ValueError(
+                f"UNISD_DATA_SOURCE={source!r} is a path, but UNISD_DATA_PVC is not set: no pod has a volume "
+                "holding it (set UNISD_DATA_PVC, or use an s3:// gs:// az:// URI)"
+            )
+        path = PurePosixPath(self.data_mount_path, source)  # an absolute source stays as it is
+        if not path.is_relative_to(self.data_mount_path):
+            raise ValueError(
+                f"UNISD_DATA_SOURCE={source!r} is not under the data PVC's mount path "
+                f"UNISD_DATA_MOUNT_PATH={self.data_mount_path!r}"
+            )
+        return str(path)
 
 
 def _gpu(task, settings: ClusterSettings, *, timeout_s: int = 6 * 3600):
@@ -111,9 +155,32 @@ def _gpu(task, settings: ClusterSettings, *, timeout_s: int = 6 * 3600):
     kubernetes.mount_pvc(task, pvc_name=settings.cache_pvc, mount_path=settings.cache_mount_path)
     task.set_env_variable("HF_HOME", f"{settings.cache_mount_path}/hf")
     task.set_env_variable("UNISD_CACHE_DIR", f"{settings.cache_mount_path}/unisd")
+    _progress(task, settings)
     kubernetes.set_timeout(task, timeout_s)
     task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
     return _secrets(task, settings)
+
+
+# The run's name, for run-scoped progress folders: the Argo workflow of a KFP run (unique per run, the same
+# for a retried pod). KFP does not resolve its {{$.pipeline_job_uuid}} placeholders in env values (its
+# driver copies them verbatim), so the pod reads the name from its own label (downward API), and
+# unisd.artifacts.progress_dir expands the $(…) reference (KFP lists that env after the container env).
+RUN_NAME_ENV, RUN_NAME_FIELD = "UNISD_KFP_RUN", "metadata.labels['workflows.argoproj.io/workflow']"
+
+
+def _progress(task, settings: ClusterSettings):
+    """Rollout partials, train checkpoints and eval progress on the cache PVC, per run and task (each stage
+    adds `<stage>-<inputs hash>`, which tells ParallelFor iterations apart), so a retried pod resumes; its
+    KFP output holds only results."""
+    from kfp import kubernetes
+
+    from unisd.artifacts import PROGRESS_DIR_ENV
+
+    kubernetes.use_field_path_as_env(task, env_name=RUN_NAME_ENV, field_path=RUN_NAME_FIELD)
+    task.set_env_variable(
+        PROGRESS_DIR_ENV, f"{settings.cache_mount_path}/progress/$({RUN_NAME_ENV})/{task.name}"
+    )
+    return task
 
 
 def _secrets(task, settings: ClusterSettings):
@@ -145,13 +212,34 @@ def _sandboxed(task, settings: ClusterSettings):
     return task
 
 
+def _data(task, settings: ClusterSettings):
+    """The prepare pod's data: $UNISD_DATA_DIR (the built-ins' location), the data PVC, the credentials
+    Secret as env. No other pod gets them: later stages read prepare's snapshot."""
+    from kfp import kubernetes
+
+    data_dir = settings.data_dir()
+    if data_dir:
+        task.set_env_variable("UNISD_DATA_DIR", data_dir)
+    if settings.data_pvc:
+        kubernetes.mount_pvc(task, pvc_name=settings.data_pvc, mount_path=settings.data_mount_path)
+    if settings.data_secret:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=settings.data_secret,
+            secret_key_to_env={key: key for key in settings.data_secret_keys},
+            optional=True,  # per key: a Secret with only the AWS pair is enough (no session token etc.)
+        )
+    return task
+
+
 # Where each stage runs on a cluster: "gpu" (accelerator + cache), "cpu", and "sandbox" for the steps that
-# execute model-written code (eval; contexts, which checks code negatives in the sandbox).
+# execute model-written code (eval; contexts, which checks code negatives in the sandbox), "data" for the one
+# stage that reads the data sources.
 PLACEMENT: dict[str, tuple[str, ...]] = {
     "resolve-config": (),
     "start-tracking": ("cpu",),
     "end-tracking": ("cpu",),
-    "prepare": ("cpu",),
+    "prepare": ("cpu", "data"),
     "contexts": ("gpu", "sandbox"),
     "shards": (),
     "rollout": ("gpu",),
@@ -163,7 +251,7 @@ PLACEMENT: dict[str, tuple[str, ...]] = {
     "promote": ("cpu",),
     "report": ("cpu",),
 }
-_PLACERS = {"gpu": _gpu, "cpu": _cpu, "sandbox": _sandboxed}
+_PLACERS = {"gpu": _gpu, "cpu": _cpu, "sandbox": _sandboxed, "data": _data}
 
 
 def place(task, stage: str, title: str, settings: ClusterSettings | None):
