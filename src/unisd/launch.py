@@ -380,6 +380,9 @@ def env_with_src(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for the train subprocess: ours, with this checkout's `unisd` first on PYTHONPATH (an
     editable or image install needs nothing; a source checkout run through kfp.local does)."""
     env = dict(os.environ if env is None else env)
+    # A KFP executor sets _KFP_RUNTIME, which strips kfp.dsl to its runtime part; the `unisd` CLI (which
+    # loads the pipeline commands) is no executor.
+    env.pop("_KFP_RUNTIME", None)
     src = str(Path(__file__).resolve().parents[1])
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if src not in paths:
