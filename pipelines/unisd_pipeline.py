@@ -29,6 +29,7 @@ import yaml
 from kfp import dsl
 
 from components.stages import (
+    TRAIN_IMAGE,
     contexts_op,
     end_tracking_op,
     eval_op,
@@ -86,6 +87,11 @@ class ClusterSettings:
     data_mount_path: str = "/data"
     data_secret: str = ""
     data_secret_keys: list = field(default_factory=lambda: list(DATA_SECRET_KEYS))
+    # The train step (unisd.launch): GPUs per train pod = torchrun ranks per node; nodes > 1 hands training
+    # to a Kubeflow Trainer TrainJob on this ClusterTrainingRuntime (manifests/trainer/).
+    train_gpus: int = 1
+    train_nodes: int = 1
+    trainer_runtime: str = "unisd-torch-distributed"
 
     @classmethod
     def from_env(cls, env=os.environ) -> "ClusterSettings":
@@ -110,6 +116,9 @@ class ClusterSettings:
             data_mount_path=env.get("UNISD_DATA_MOUNT_PATH") or default.data_mount_path,
             data_secret=env.get("UNISD_DATA_ENV_FROM", "").strip(),
             data_secret_keys=js("UNISD_DATA_ENV_VARS", default.data_secret_keys),
+            train_gpus=_positive(env, "UNISD_TRAIN_GPUS", default.train_gpus),
+            train_nodes=_positive(env, "UNISD_TRAIN_NODES", default.train_nodes),
+            trainer_runtime=env.get("UNISD_TRAINER_RUNTIME") or default.trainer_runtime,
         )
 
     def data_dir(self) -> str:
@@ -132,13 +141,49 @@ class ClusterSettings:
             )
         return str(path)
 
+    def launch_spec(self) -> dict:
+        """The train step's unisd.launch.LaunchSpec (a train_op parameter, visible in the compiled IR)."""
+        from unisd.launch import LaunchSpec
 
-def _gpu(task, settings: ClusterSettings, *, timeout_s: int = 6 * 3600):
-    """GPU request + node selector + tolerations + shm + model cache + timeout + retries."""
+        return LaunchSpec(
+            gpus=self.train_gpus,
+            nodes=self.train_nodes,
+            image=TRAIN_IMAGE,
+            runtime=self.trainer_runtime,
+            gpu_resource=self.gpu_resource,
+            cpu_per_node=str(4 * self.train_gpus),  # what _gpu requests for an in-pod launch of as many GPUs
+            memory_per_node=f"{64 * self.train_gpus}G",
+            shm_size=_shm_size(self.train_gpus),
+            cache_pvc=self.cache_pvc,
+            cache_mount_path=self.cache_mount_path,
+            node_selector=dict(self.gpu_node_selector),
+            tolerations=list(self.gpu_tolerations),
+        ).to_dict()
+
+
+def _positive(env, key: str, fallback: int) -> int:
+    raw = (env.get(key) or "").strip()
+    if not raw:
+        return fallback
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"pipeline settings: {key} must be an integer ≥ 1, got {raw!r}")
+    return int(raw)
+
+
+def _shm_size(gpus: int) -> str:
+    """/dev/shm for the train pod: NCCL and the DataLoader's workers share memory per rank (16 GiB for one)."""
+    return f"{16 * max(1, gpus)}Gi"
+
+
+def _gpu(task, settings: ClusterSettings, *, timeout_s: int = 6 * 3600, gpus: int | None = None):
+    """GPU request + node selector + tolerations + shm + model cache + timeout + retries (`gpus`: this many
+    instead of settings.gpu_count, with CPU, memory and shm scaled to match)."""
     from kfp import kubernetes
 
-    task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(settings.gpu_count)
-    task.set_cpu_request("4").set_memory_request("32G").set_memory_limit("64G")
+    n, scale = gpus or settings.gpu_count, gpus or 1  # other GPU stages keep one GPU's CPU/memory/shm
+    task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(n)
+    task.set_cpu_request(str(4 * scale)).set_memory_request(f"{32 * scale}G")
+    task.set_memory_limit(f"{64 * scale}G")
     for key, value in settings.gpu_node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for tol in settings.gpu_tolerations:
@@ -150,7 +195,7 @@ def _gpu(task, settings: ClusterSettings, *, timeout_s: int = 6 * 3600):
             effect=tol.get("effect"),
         )
     kubernetes.empty_dir_mount(
-        task, volume_name="shm", mount_path="/dev/shm", medium="Memory", size_limit="16Gi"
+        task, volume_name="shm", mount_path="/dev/shm", medium="Memory", size_limit=_shm_size(scale)
     )
     kubernetes.mount_pvc(task, pvc_name=settings.cache_pvc, mount_path=settings.cache_mount_path)
     task.set_env_variable("HF_HOME", f"{settings.cache_mount_path}/hf")
@@ -203,6 +248,19 @@ def _cpu(task, settings: ClusterSettings, *, cpu: str = "2", memory: str = "8G")
     return _secrets(task, settings)
 
 
+def _train(task, settings: ClusterSettings):
+    """The train step: UNISD_TRAIN_GPUS GPUs for torchrun in this pod; with UNISD_TRAIN_NODES > 1 the pod only
+    launches and watches the TrainJob (no GPU), with the cache PVC to stage inputs and collect the output."""
+    from kfp import kubernetes
+
+    if settings.train_nodes == 1:
+        return _gpu(task, settings, gpus=settings.train_gpus)
+    _cpu(task, settings, cpu="1", memory="4G")
+    kubernetes.mount_pvc(task, pvc_name=settings.cache_pvc, mount_path=settings.cache_mount_path)
+    kubernetes.set_timeout(task, 6 * 3600 + 1800)  # the TrainJob's own deadline, plus staging and collecting
+    return task
+
+
 def _sandboxed(task, settings: ClusterSettings):
     """Steps that execute model-written code: label the pod so the NetworkPolicy denies egress."""
     from kfp import kubernetes
@@ -245,13 +303,13 @@ PLACEMENT: dict[str, tuple[str, ...]] = {
     "rollout": ("gpu",),
     "gather": ("cpu",),
     "score": ("gpu",),
-    "train": ("gpu",),
+    "train": ("train",),
     "eval": ("gpu", "sandbox"),
     "register": ("cpu",),
     "promote": ("cpu",),
     "report": ("cpu",),
 }
-_PLACERS = {"gpu": _gpu, "cpu": _cpu, "sandbox": _sandboxed, "data": _data}
+_PLACERS = {"gpu": _gpu, "cpu": _cpu, "sandbox": _sandboxed, "data": _data, "train": _train}
 
 
 def place(task, stage: str, title: str, settings: ClusterSettings | None):
@@ -354,6 +412,7 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
     # file, and a multi-line default there makes the whole file invalid YAML.
     default_config = json.dumps(yaml.safe_load(Path(config_path).read_text()))
     d = defaults
+    launch = settings.launch_spec() if settings else {}  # kfp.local: one process
 
     def body(config_yaml, ui, extra_overrides):
         """Everything inside the ExitHandler (`ui`: the run parameters as pipeline channels)."""
@@ -388,6 +447,7 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
                 scores=scores.outputs["merged"],
                 run_id=run.outputs["run_id"],
                 round_index=r,
+                launch=launch,
                 **({"previous": student} if student is not None else {}),
             )
             student = place(tr, "train", f"Distillation training (round {r})", settings).outputs["model"]

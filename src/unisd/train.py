@@ -978,14 +978,14 @@ def rollout_staleness(model, rows, results, *, pad_id: int, chunk_size: int) -> 
     parts = distributed.all_gather_objects((abs_sum, count, worst))
     total, tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return {
-        "rollout/staleness": total / max(tokens, 1),
-        "rollout/staleness_max": max(p[2] for p in parts),
+        "train/staleness": total / max(tokens, 1),
+        "train/staleness_max": max(p[2] for p in parts),
         "rollout/tokens": float(tokens),
     }
 
 
 def check_staleness(stats: dict[str, float], cfg: TrainConfig, step: int) -> None:
-    value = stats["rollout/staleness"]
+    value = stats["train/staleness"]
     if value > cfg.staleness_fail:
         raise StaleRolloutError(
             f"step {step}: rollout log-probs differ from the current student's by {value:.4f} on average "
