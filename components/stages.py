@@ -278,14 +278,17 @@ def train_op(
     model: Output[Model],
     metrics: Output[Metrics],
     previous: Optional[Input[Model]] = None,
+    launch: dict = {},  # noqa: B006 (KFP parameter default): unisd.launch.LaunchSpec, set at compile time
 ):
-    """Distillation training (UniSD objective); checkpoints, resumes; logs every loss term to MLflow."""
+    """Distillation training (UniSD objective): `unisd train` as one process, torchrun ranks in this pod, or a
+    Kubeflow TrainJob across nodes (unisd.launch); checkpoints, resumes; every loss term to MLflow."""
     import json
     import math
 
     from unisd.config import check_consistent
+    from unisd.launch import LaunchSpec, train_step
     from unisd.objective import LOSS_TERMS
-    from unisd.pipeline_steps import parse_config, stage_dirs, train
+    from unisd.pipeline_steps import stage_dirs
 
     check_consistent(
         prepared.path,
@@ -293,16 +296,17 @@ def train_op(
         rollouts=stage_dirs(rollouts.path, "completions.jsonl"),
         scores=stage_dirs(scores.path, "scores.safetensors"),
     )
-    manifest = train(
-        parse_config(open(config.path).read()),
-        prepared.path,
-        contexts.path,
-        rollouts.path,
-        scores.path,
-        model.path,
-        run_id,
-        int(round_index),
-        previous.path if previous is not None else None,
+    manifest = train_step(
+        LaunchSpec.from_dict(launch),
+        config.path,
+        prepared=prepared.path,
+        contexts=contexts.path,
+        rollouts=[rollouts.path],
+        scores=[scores.path],
+        out=model.path,
+        previous=previous.path if previous is not None else None,
+        run_id=run_id,
+        round_index=int(round_index),
     )
     final = manifest["counts"].get("final", {})
     for key in LOSS_TERMS:
@@ -310,7 +314,10 @@ def train_op(
             metrics.log_metric(key, float(final[key]))
     with open(metrics.path, "w") as f:  # kfp.local keeps metrics as metadata only; its cache wants a file
         json.dump(metrics.metadata, f)
-    model.metadata.update({"steps": manifest["counts"]["steps"], "round": int(round_index)})
+    counts = manifest["counts"]
+    model.metadata.update(
+        {"steps": counts["steps"], "round": int(round_index), "ranks": counts.get("ranks", 1)}
+    )
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)

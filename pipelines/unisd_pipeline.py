@@ -16,19 +16,21 @@ returned from inside the ExitHandler (kfp.local cannot). Every expensive stage r
 
 Rounds are unrolled at compile time (`build_pipeline(rounds=R)`); everything else is a run parameter the
 user sets in the Kubeflow UI. Cluster settings (GPU requests, node selectors, tolerations, shm, timeouts,
-retries, secrets, the sandbox pod label) are applied at compile time with `cluster=True`; `kfp.local`
+retries, secrets, the sandbox pod label, the data source/volume/credentials of the prepare pod, run-scoped
+progress folders on the cache PVC) are applied at compile time with `cluster=True`; `kfp.local`
 ignores them, and `unisd run` compiles with `cluster=False` (kubernetes.CreatePVC etc. can't run locally).
 """
 
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 from kfp import dsl
 
 from components.stages import (
+    TRAIN_IMAGE,
     contexts_op,
     data_check_op,
     end_tracking_op,
@@ -46,6 +48,7 @@ from components.stages import (
     starting_model_op,
     train_op,
 )
+from unisd.data.benchmarks import is_data_uri
 
 PIPELINE_NAME = "unisd-self-distillation"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -53,6 +56,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # then re-allows only what the KFP launcher inside the pod needs (DNS, KFP API, ML Metadata, the artifact
 # store) — model-written code still reaches no internet and no MLflow.
 SANDBOX_LABELS = {"unisd.ai/sandbox": "true", "unisd.ai/sandbox-kfp-launcher": "true"}
+# Keys of the data Secret the prepare pod gets as env vars (each optional: a Secret holds those it needs).
+DATA_SECRET_KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "HF_TOKEN",
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,19 @@ class ClusterSettings:
     cache_mount_path: str = "/cache"
     mlflow_tracking_uri: str = "http://unisd-mlflow.unisd.svc.cluster.local:5000"
     sandbox_labels: dict = field(default_factory=lambda: dict(SANDBOX_LABELS))
+    # Data for the prepare pod only (every later pod reads prepare's snapshot): where the built-in
+    # benchmarks are (an s3:// gs:// az:// URI, or a path on the data PVC), the data PVC and its mount, and
+    # a Secret whose keys become the prepare pod's env (object-storage / Hub credentials, by reference).
+    data_source: str = ""
+    data_pvc: str = ""
+    data_mount_path: str = "/data"
+    data_secret: str = ""
+    data_secret_keys: list = field(default_factory=lambda: list(DATA_SECRET_KEYS))
+    # The train step (unisd.launch): GPUs per train pod = torchrun ranks per node; nodes > 1 hands training
+    # to a Kubeflow Trainer TrainJob on this ClusterTrainingRuntime (manifests/trainer/).
+    train_gpus: int = 1
+    train_nodes: int = 1
+    trainer_runtime: str = "unisd-torch-distributed"
 
     @classmethod
     def from_env(cls, env=os.environ) -> "ClusterSettings":
@@ -89,15 +114,79 @@ class ClusterSettings:
             cache_mount_path=env.get("UNISD_CACHE_MOUNT_PATH") or default.cache_mount_path,
             mlflow_tracking_uri=env.get("UNISD_MLFLOW_TRACKING_URI") or default.mlflow_tracking_uri,
             sandbox_labels=js("UNISD_SANDBOX_POD_LABELS", default.sandbox_labels),
+            data_source=env.get("UNISD_DATA_SOURCE", "").strip(),
+            data_pvc=env.get("UNISD_DATA_PVC", "").strip(),
+            data_mount_path=env.get("UNISD_DATA_MOUNT_PATH") or default.data_mount_path,
+            data_secret=env.get("UNISD_DATA_ENV_FROM", "").strip(),
+            data_secret_keys=js("UNISD_DATA_ENV_VARS", default.data_secret_keys),
+            train_gpus=_positive(env, "UNISD_TRAIN_GPUS", default.train_gpus),
+            train_nodes=_positive(env, "UNISD_TRAIN_NODES", default.train_nodes),
+            trainer_runtime=env.get("UNISD_TRAINER_RUNTIME") or default.trainer_runtime,
         )
 
+    def data_dir(self) -> str:
+        """What the prepare pod gets as $UNISD_DATA_DIR ("" = none): a URI as is; a path on the data PVC
+        (relative paths are taken under its mount path). A path with no data PVC is refused here, at compile
+        time: no pod would have it."""
+        source = self.data_source
+        if not source or is_data_uri(source):
+            return source
+        if not self.data_pvc:
+            raise ValueError(
+                f"UNISD_DATA_SOURCE={source!r} is a path, but UNISD_DATA_PVC is not set: no pod has a volume "
+                "holding it (set UNISD_DATA_PVC, or use an s3:// gs:// az:// URI)"
+            )
+        path = PurePosixPath(self.data_mount_path, source)  # an absolute source stays as it is
+        if not path.is_relative_to(self.data_mount_path):
+            raise ValueError(
+                f"UNISD_DATA_SOURCE={source!r} is not under the data PVC's mount path "
+                f"UNISD_DATA_MOUNT_PATH={self.data_mount_path!r}"
+            )
+        return str(path)
 
-def _gpu(task, settings: ClusterSettings, *, timeout_s: int = 6 * 3600):
-    """GPU request + node selector + tolerations + shm + model cache + timeout + retries."""
+    def launch_spec(self) -> dict:
+        """The train step's unisd.launch.LaunchSpec (a train_op parameter, visible in the compiled IR)."""
+        from unisd.launch import LaunchSpec
+
+        return LaunchSpec(
+            gpus=self.train_gpus,
+            nodes=self.train_nodes,
+            image=TRAIN_IMAGE,
+            runtime=self.trainer_runtime,
+            gpu_resource=self.gpu_resource,
+            cpu_per_node=str(4 * self.train_gpus),  # what _gpu requests for an in-pod launch of as many GPUs
+            memory_per_node=f"{64 * self.train_gpus}G",
+            shm_size=_shm_size(self.train_gpus),
+            cache_pvc=self.cache_pvc,
+            cache_mount_path=self.cache_mount_path,
+            node_selector=dict(self.gpu_node_selector),
+            tolerations=list(self.gpu_tolerations),
+        ).to_dict()
+
+
+def _positive(env, key: str, fallback: int) -> int:
+    raw = (env.get(key) or "").strip()
+    if not raw:
+        return fallback
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"pipeline settings: {key} must be an integer ≥ 1, got {raw!r}")
+    return int(raw)
+
+
+def _shm_size(gpus: int) -> str:
+    """/dev/shm for the train pod: NCCL and the DataLoader's workers share memory per rank (16 GiB for one)."""
+    return f"{16 * max(1, gpus)}Gi"
+
+
+def _gpu(task, settings: ClusterSettings, *, timeout_s: int = 6 * 3600, gpus: int | None = None):
+    """GPU request + node selector + tolerations + shm + model cache + timeout + retries (`gpus`: this many
+    instead of settings.gpu_count, with CPU, memory and shm scaled to match)."""
     from kfp import kubernetes
 
-    task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(settings.gpu_count)
-    task.set_cpu_request("4").set_memory_request("32G").set_memory_limit("64G")
+    n, scale = gpus or settings.gpu_count, gpus or 1  # other GPU stages keep one GPU's CPU/memory/shm
+    task.set_accelerator_type(settings.gpu_resource).set_accelerator_limit(n)
+    task.set_cpu_request(str(4 * scale)).set_memory_request(f"{32 * scale}G")
+    task.set_memory_limit(f"{64 * scale}G")
     for key, value in settings.gpu_node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for tol in settings.gpu_tolerations:
@@ -109,14 +198,37 @@ def _gpu(task, settings: ClusterSettings, *, timeout_s: int = 6 * 3600):
             effect=tol.get("effect"),
         )
     kubernetes.empty_dir_mount(
-        task, volume_name="shm", mount_path="/dev/shm", medium="Memory", size_limit="16Gi"
+        task, volume_name="shm", mount_path="/dev/shm", medium="Memory", size_limit=_shm_size(scale)
     )
     kubernetes.mount_pvc(task, pvc_name=settings.cache_pvc, mount_path=settings.cache_mount_path)
     task.set_env_variable("HF_HOME", f"{settings.cache_mount_path}/hf")
     task.set_env_variable("UNISD_CACHE_DIR", f"{settings.cache_mount_path}/unisd")
+    _progress(task, settings)
     kubernetes.set_timeout(task, timeout_s)
     task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
     return _secrets(task, settings)
+
+
+# The run's name, for run-scoped progress folders: the Argo workflow of a KFP run (unique per run, the same
+# for a retried pod). KFP does not resolve its {{$.pipeline_job_uuid}} placeholders in env values (its
+# driver copies them verbatim), so the pod reads the name from its own label (downward API), and
+# unisd.artifacts.progress_dir expands the $(…) reference (KFP lists that env after the container env).
+RUN_NAME_ENV, RUN_NAME_FIELD = "UNISD_KFP_RUN", "metadata.labels['workflows.argoproj.io/workflow']"
+
+
+def _progress(task, settings: ClusterSettings):
+    """Rollout partials, train checkpoints and eval progress on the cache PVC, per run and task (each stage
+    adds `<stage>-<inputs hash>`, which tells ParallelFor iterations apart), so a retried pod resumes; its
+    KFP output holds only results."""
+    from kfp import kubernetes
+
+    from unisd.artifacts import PROGRESS_DIR_ENV
+
+    kubernetes.use_field_path_as_env(task, env_name=RUN_NAME_ENV, field_path=RUN_NAME_FIELD)
+    task.set_env_variable(
+        PROGRESS_DIR_ENV, f"{settings.cache_mount_path}/progress/$({RUN_NAME_ENV})/{task.name}"
+    )
+    return task
 
 
 def _secrets(task, settings: ClusterSettings):
@@ -139,6 +251,19 @@ def _cpu(task, settings: ClusterSettings, *, cpu: str = "2", memory: str = "8G")
     return _secrets(task, settings)
 
 
+def _train(task, settings: ClusterSettings):
+    """The train step: UNISD_TRAIN_GPUS GPUs for torchrun in this pod; with UNISD_TRAIN_NODES > 1 the pod only
+    launches and watches the TrainJob (no GPU), with the cache PVC to stage inputs and collect the output."""
+    from kfp import kubernetes
+
+    if settings.train_nodes == 1:
+        return _gpu(task, settings, gpus=settings.train_gpus)
+    _cpu(task, settings, cpu="1", memory="4G")
+    kubernetes.mount_pvc(task, pvc_name=settings.cache_pvc, mount_path=settings.cache_mount_path)
+    kubernetes.set_timeout(task, 6 * 3600 + 1800)  # the TrainJob's own deadline, plus staging and collecting
+    return task
+
+
 def _sandboxed(task, settings: ClusterSettings):
     """Steps that execute model-written code: label the pod so the NetworkPolicy denies egress."""
     from kfp import kubernetes
@@ -148,13 +273,34 @@ def _sandboxed(task, settings: ClusterSettings):
     return task
 
 
+def _data(task, settings: ClusterSettings):
+    """The prepare pod's data: $UNISD_DATA_DIR (the built-ins' location), the data PVC, the credentials
+    Secret as env. No other pod gets them: later stages read prepare's snapshot."""
+    from kfp import kubernetes
+
+    data_dir = settings.data_dir()
+    if data_dir:
+        task.set_env_variable("UNISD_DATA_DIR", data_dir)
+    if settings.data_pvc:
+        kubernetes.mount_pvc(task, pvc_name=settings.data_pvc, mount_path=settings.data_mount_path)
+    if settings.data_secret:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=settings.data_secret,
+            secret_key_to_env={key: key for key in settings.data_secret_keys},
+            optional=True,  # per key: a Secret with only the AWS pair is enough (no session token etc.)
+        )
+    return task
+
+
 # Where each stage runs on a cluster: "gpu" (accelerator + cache), "cpu", and "sandbox" for the steps that
-# execute model-written code (eval; contexts, which checks code negatives in the sandbox).
+# execute model-written code (eval; contexts, which checks code negatives in the sandbox), "data" for the one
+# stage that reads the data sources.
 PLACEMENT: dict[str, tuple[str, ...]] = {
     "resolve-config": (),
     "start-tracking": ("cpu",),
     "end-tracking": ("cpu",),
-    "prepare": ("cpu",),
+    "prepare": ("cpu", "data"),
     "data-check": ("cpu",),
     "starting-model": ("cpu",),
     "contexts": ("gpu", "sandbox"),
@@ -162,13 +308,13 @@ PLACEMENT: dict[str, tuple[str, ...]] = {
     "rollout": ("gpu",),
     "gather": ("cpu",),
     "score": ("gpu",),
-    "train": ("gpu",),
+    "train": ("train",),
     "eval": ("gpu", "sandbox"),
     "register": ("cpu",),
     "promote": ("cpu",),
     "report": ("cpu",),
 }
-_PLACERS = {"gpu": _gpu, "cpu": _cpu, "sandbox": _sandboxed}
+_PLACERS = {"gpu": _gpu, "cpu": _cpu, "sandbox": _sandboxed, "data": _data, "train": _train}
 
 
 def place(task, stage: str, title: str, settings: ClusterSettings | None):
@@ -267,6 +413,7 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
     # file, and a multi-line default there makes the whole file invalid YAML.
     default_config = json.dumps(yaml.safe_load(Path(config_path).read_text()))
     d = defaults
+    launch = settings.launch_spec() if settings else {}  # kfp.local: one process
 
     def body(config_yaml, ui, extra_overrides):
         """Everything inside the ExitHandler (`ui`: the run parameters as pipeline channels)."""
@@ -309,6 +456,7 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
                     scores=scores.outputs["merged"],
                     run_id=run.outputs["run_id"],
                     round_index=r,
+                    launch=launch,
                     previous=student,
                 )
                 student = place(tr, "train", f"Distillation training (round {r})", settings).outputs["model"]

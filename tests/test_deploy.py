@@ -75,6 +75,8 @@ CHART_VARIANTS: dict[str, dict[str, Any]] = {
         "namespace": {"create": True, "name": "unisd-prod"},
         "image": {"pullSecrets": ["ghcr-pull"]},
         "cache": {"storageClassName": "cephfs"},
+        # the built-ins on a data PVC (a path relative to its mount), credentials for S3 datasets by reference
+        "data": {"source": "unisd-data/v1", "pvc": "team-data", "secretName": "team-data-s3"},
     },
     "minimal": {
         "mlflow": {"enabled": False},
@@ -309,6 +311,9 @@ def test_chart_values_schema_rejects_bad_values():
                 }
             },
             {"kfp": {"host": "ml-pipeline:8888"}},
+            {"data": {"mountPath": "data"}},
+            {"data": {"pvc": "Team_Data"}},
+            {"data": {"accessKeyId": "AKIA…"}},  # credentials never in values: a Secret by name
         ):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
@@ -655,6 +660,40 @@ def test_settings_are_consistent(all_targets):
         if ("Service", "unisd-mlflow") in names:
             ns = one(docs, "Service", "mlflow")["metadata"].get("namespace")
             assert data["UNISD_MLFLOW_TRACKING_URI"] == f"http://unisd-mlflow.{ns}.svc.cluster.local:5000"
+
+
+DATA_KEYS = ("UNISD_DATA_SOURCE", "UNISD_DATA_PVC", "UNISD_DATA_MOUNT_PATH", "UNISD_DATA_ENV_FROM")
+
+
+def test_data_settings_reach_only_the_prepare_pod(all_targets, tmp_path, monkeypatch):
+    """Every target's settings ConfigMap has the data keys, and they parse as ClusterSettings; the chart's
+    data values, compiled (`unisd compile` with the ConfigMap as env, as the upload Job runs it), give the
+    prepare executor the data dir, the data PVC and the Secret, and no other executor any of them."""
+    from pipelines.cli import compile_pipeline
+    from pipelines.unisd_pipeline import DATA_SECRET_KEYS, ClusterSettings
+
+    for name, docs in all_targets.items():
+        data = one(docs, "ConfigMap", "pipeline-settings")["data"]
+        assert set(DATA_KEYS) <= set(data), name
+        settings = ClusterSettings.from_env(data)
+        assert tuple(settings.data_secret_keys) == DATA_SECRET_KEYS, name
+        if name != "chart:scheduled-multiuser":
+            assert settings.data_dir() == "" and not settings.data_pvc and not settings.data_secret, name
+    data = one(all_targets["chart:scheduled-multiuser"], "ConfigMap", "pipeline-settings")["data"]
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    spec, platform = list(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for label, executor in spec["deploymentSpec"]["executors"].items():
+        env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        claims = {m["constant"]: m["mountPath"] for m in k8s.get(label, {}).get("pvcMount", [])}
+        secrets = {s["secretName"] for s in k8s.get(label, {}).get("secretAsEnv", [])}
+        if label == "exec-prepare-op":
+            assert env["UNISD_DATA_DIR"] == "/data/unisd-data/v1"
+            assert claims == {"team-data": "/data"} and "team-data-s3" in secrets
+        else:
+            assert "UNISD_DATA_DIR" not in env and "team-data" not in claims, label
+            assert "team-data-s3" not in secrets, label
 
 
 def test_image_tags_match_the_package_version(all_targets):

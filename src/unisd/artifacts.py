@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,36 @@ from unisd import __version__
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
+# A run-scoped folder for in-progress state (set per task by the cluster placement, on the cache PVC).
+PROGRESS_DIR_ENV = "UNISD_PROGRESS_DIR"
+_ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def progress_dir(out_dir: str | Path, *key: str) -> Path:
+    """Where a stage keeps its in-progress state (rollout partial.jsonl, train checkpoints/, eval progress/):
+    `out_dir` by default (local runs); `$UNISD_PROGRESS_DIR/<key…>` when that is set — a folder on the cache
+    PVC that a retried pod finds again while its KFP output folder is new, so the output holds only the
+    finished result. `key` tells apart the calls one task makes: the stages pass `<stage>-<inputs hash>`, the
+    same for a retry and different for each shard, benchmark or experiment variant.
+
+    Kubernetes references `$(VAR)` in the value are expanded here from this process's env: Kubernetes only
+    expands variables defined earlier in the container's list, and KFP appends the downward-API ones (the
+    run's name) after the container env. A reference left unresolved (or a KFP `{{$…}}` placeholder, which
+    KFP does not resolve in env values) would make every run share one folder: then the output folder is
+    used, with a warning."""
+    raw = os.environ.get(PROGRESS_DIR_ENV, "").strip()
+    if not raw:
+        return Path(out_dir)
+    value = _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(0)), raw)
+    if "$(" in value or "{{" in value:
+        log.warning(
+            "%s=%r has an unresolved reference: keeping progress in %s (a retried task starts over)",
+            PROGRESS_DIR_ENV,
+            value,
+            out_dir,
+        )
+        return Path(out_dir)
+    return Path(value).joinpath(*key)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from unisd.artifacts import (
+    progress_dir,
     read_jsonl,
     read_partial_jsonl,
     write_json,
@@ -332,7 +333,8 @@ def run_eval(
         tokenizer = tokenizer or load_tokenizer(model_spec)
         model = (model or load_model(model_spec)).eval()
     prompts = [encode_prompt(tokenizer, student_messages(r)) for r in records]
-    progress = out_dir / "progress"  # per-batch progress: a killed eval resumes where it stopped
+    # per-batch progress: a killed eval resumes where it stopped (on a cluster: on the cache PVC)
+    progress = progress_dir(out_dir, f"eval-{stage.inputs_hash[:16]}") / "progress"
     with timer("generate"):
         generated, samples = sample_answers(model, tokenizer, prompts, cfg, progress=progress, key=model_spec)
     with timer("score"):

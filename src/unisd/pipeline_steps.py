@@ -37,6 +37,7 @@ import yaml
 from unisd.artifacts import read_json, read_jsonl, write_json, write_jsonl
 from unisd.config import apply_overrides, validate
 from unisd.runconfig import RunConfig
+from unisd.train import NO_MODEL  # a starting-model folder that means the base model
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,6 @@ def stage_dirs(paths: str | Path | Sequence[str | Path] | None, payload: str) ->
     return found
 
 
-NO_MODEL = "no_model.json"  # a retrain-check output that starts round 0 from the base model
-
-
 def student_spec(cfg: RunConfig, student_dir: str | None) -> str:
     """The model a stage runs: the base model, or a train folder's merged student (a model folder as is)."""
     if not student_dir or (Path(student_dir) / NO_MODEL).exists():
@@ -200,6 +198,8 @@ def rollout(
         return _skipped(
             out_dir, "rollout", "the objective trains on gold completions", {"completions.jsonl": []}
         )
+    if cfg.train.mode == "online":  # the train step generates with the current student itself
+        return _skipped(out_dir, "rollout", "train.mode=online", {"completions.jsonl": []})
     rcfg = cfg.rollout.model_copy(update={"shard_index": int(shard), "num_shards": int(num_shards)})
     return run_rollout(
         rcfg, model_spec=student_spec(cfg, student), prepared_dir=prepared_dir, out_dir=out_dir
@@ -221,6 +221,8 @@ def score(
     obj = cfg.objective_config()
     if not obj.uses_views:
         return _skipped(out_dir, "score", "objective uses no views")
+    if cfg.train.mode == "online":  # the train step scores its own completions with the views
+        return _skipped(out_dir, "score", "train.mode=online")
     scfg = cfg.scoring.model_copy(update={"shard_index": int(shard), "num_shards": int(num_shards)})
     # Views are teacher views: θ0 for a frozen teacher; the latest student approximates the EMA teacher.
     model_spec = student_spec(cfg, student) if obj.teacher == "ema" else cfg.model
@@ -249,20 +251,15 @@ def train(
 ) -> dict:
     """Train one round; `previous` (the last round's train folder) continues its adapter and EMA teacher.
     With an MLflow `run_id` the step metrics are logged (round r's steps offset by r · 10,000)."""
-    from unisd.train import EMA_TEACHER_FILE, run_train
+    from unisd.train import previous_round, run_train
 
     obj = cfg.objective_config()
     if obj.uses_negative and not contexts_dir:
         raise ValueError(
             f"preset {cfg.preset!r} trains against negative demonstrations: pass the contexts folder"
         )
-    tcfg = cfg.train
-    if previous and (Path(previous) / "adapter").exists():
-        tcfg = tcfg.model_copy(update={"init_adapter": str(Path(previous) / "adapter")})
-    elif previous and not tcfg.lora.enabled and (Path(previous) / "merged" / "config.json").exists():
-        tcfg = tcfg.model_copy(update={"init_model": str(Path(previous) / "merged")})  # full FT continues
-    if previous and (Path(previous) / EMA_TEACHER_FILE).exists() and obj.teacher == "ema":
-        tcfg = tcfg.model_copy(update={"init_teacher": str(Path(previous) / EMA_TEACHER_FILE)})
+    # The previous round's LoRA adapter, or (full fine-tuning) its merged weights, and its EMA teacher.
+    tcfg = cfg.train.model_copy(update=previous_round(previous, cfg.train, obj))
     manifest = run_train(
         tcfg,
         obj,
@@ -275,14 +272,19 @@ def train(
         restart=restart,
     )
     if run_id:
-        from unisd import tracking
-
-        rows = [
-            {**r, "step": r["step"] + round_index * 10_000} if round_index else r
-            for r in read_jsonl(Path(out_dir) / "metrics.jsonl")
-        ]
-        tracking.log_step_metrics(cfg.tracking, run_id, rows)
+        log_train_metrics(cfg, run_id, out_dir, round_index)
     return manifest
+
+
+def log_train_metrics(cfg: RunConfig, run_id: str, out_dir: str | Path, round_index: int = 0) -> int:
+    """A train folder's step metrics (metrics.jsonl) to the MLflow run, round r's steps offset by r · 10,000."""
+    from unisd import tracking
+
+    rows = [
+        {**r, "step": r["step"] + round_index * 10_000} if round_index else r
+        for r in read_jsonl(Path(out_dir) / "metrics.jsonl")
+    ]
+    return tracking.log_step_metrics(cfg.tracking, run_id, rows)
 
 
 def evaluate(

@@ -33,7 +33,14 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from unisd.artifacts import begin_stage, read_jsonl, read_partial_jsonl, write_jsonl, write_text
+from unisd.artifacts import (
+    begin_stage,
+    progress_dir,
+    read_jsonl,
+    read_partial_jsonl,
+    write_jsonl,
+    write_text,
+)
 from unisd.config import StrictModel
 
 log = logging.getLogger(__name__)
@@ -366,7 +373,11 @@ def run_rollout(
     start, end = shard_range(len(items), cfg.num_shards, cfg.shard_index)
     items = items[start:end]
     out_dir.mkdir(parents=True, exist_ok=True)
-    done_rows = {r["id"]: r for r in resumable_rows(out_dir / "partial.jsonl", stage.inputs_hash)}
+    partial = (
+        progress_dir(out_dir, f"rollout-{stage.inputs_hash[:16]}") / "partial.jsonl"
+    )  # the cache PVC on a cluster
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done_rows = {r["id"]: r for r in resumable_rows(partial, stage.inputs_hash)}
     todo = [(start + i, it) for i, it in enumerate(items) if it["id"] not in done_rows]
     backend = pick_backend(cfg.backend)
     with timer("load"):
@@ -391,11 +402,11 @@ def run_rollout(
         cfg.num_shards,
     )
     with timer("generate"):
-        append_completions(todo, decode, tokenizer, cfg.batch_size, out_dir / "partial.jsonl", done_rows)
+        append_completions(todo, decode, tokenizer, cfg.batch_size, partial, done_rows)
     rows = [done_rows[it["id"]] for it in items]
     write_jsonl(out_dir / "completions.jsonl", rows)
-    (out_dir / "partial.jsonl").unlink(missing_ok=True)
-    (out_dir / PARTIAL_KEY).unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
+    (partial.parent / PARTIAL_KEY).unlink(missing_ok=True)
     n_tokens = sum(len(r["completion_ids"]) for r in rows)
     counts = {
         "items": len(rows),

@@ -39,7 +39,7 @@ import torch
 from pydantic import Field, model_validator
 
 from unisd import distributed
-from unisd.artifacts import begin_stage, read_json, read_jsonl, write_json, write_jsonl
+from unisd.artifacts import begin_stage, progress_dir, read_json, read_jsonl, write_json, write_jsonl
 from unisd.config import StrictModel
 from unisd.distributed import DeepSpeedEngine, PlainEngine, Precision, Ranks, TorchEngine, current_ranks
 from unisd.objective import LOSS_TERMS, ObjectiveConfig, compute_objective
@@ -978,14 +978,14 @@ def rollout_staleness(model, rows, results, *, pad_id: int, chunk_size: int) -> 
     parts = distributed.all_gather_objects((abs_sum, count, worst))
     total, tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return {
-        "rollout/staleness": total / max(tokens, 1),
-        "rollout/staleness_max": max(p[2] for p in parts),
+        "train/staleness": total / max(tokens, 1),
+        "train/staleness_max": max(p[2] for p in parts),
         "rollout/tokens": float(tokens),
     }
 
 
 def check_staleness(stats: dict[str, float], cfg: TrainConfig, step: int) -> None:
-    value = stats["rollout/staleness"]
+    value = stats["train/staleness"]
     if value > cfg.staleness_fail:
         raise StaleRolloutError(
             f"step {step}: rollout log-probs differ from the current student's by {value:.4f} on average "
@@ -1353,12 +1353,17 @@ def items_for(cfg, objective, tokenizer, prepared_dir, contexts_dir, rollout_dir
     return items, skipped
 
 
+NO_MODEL = (
+    "no_model.json"  # a "previous round" folder that means the base model (pipeline_steps.starting_model)
+)
+
+
 def previous_round(
     previous: str | Path | None, cfg: TrainConfig, objective: ObjectiveConfig
 ) -> dict[str, str]:
     """The TrainConfig updates that make a round continue the previous round's train folder: its LoRA adapter
     (`init_adapter`) or, for full fine-tuning, its merged weights (`init_model`), and its EMA teacher."""
-    if not previous:
+    if not previous or (Path(previous) / NO_MODEL).exists():
         return {}
     prev, updates = Path(previous), {}
     if cfg.lora.enabled and (prev / "adapter").exists():
@@ -1432,7 +1437,6 @@ def _run_train(
     stop_after_steps,
     restart,
 ) -> dict[str, Any]:
-    ckpt_dir, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
     inputs = train_inputs(prepared_dir, contexts_dir, rollout_dirs, score_dirs)
     inputs += [Path(p) for p in (cfg.init_model, cfg.init_teacher) if p]
     stage = _begin_stage(
@@ -1445,6 +1449,10 @@ def _run_train(
     if stage.done:
         log.info("train: %s is complete for these inputs", out_dir)
         return stage.done
+    # checkpoints and the metrics so far live in the progress dir (on a cluster: the cache PVC, keyed by these
+    # inputs, so a retried pod resumes); out_dir gets only the finished model, metrics.jsonl and the manifest
+    progress = progress_dir(out_dir, f"train-{stage.inputs_hash[:16]}")
+    ckpt_dir, metrics_path = progress / "checkpoints", progress / "metrics.jsonl"
     if ranks.main and (stage.stale or restart):  # the checkpoints are another run's: start fresh, never mix
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         metrics_path.unlink(missing_ok=True)
@@ -1504,7 +1512,7 @@ def _run_train(
     bar.close()
     with stage.timer("save"):
         if ranks.main:
-            write_jsonl(metrics_path, history)
+            write_jsonl(out_dir / "metrics.jsonl", history)
         export = save_trained_model(model, tokenizer, out_dir, cfg, engine=run.engine, main=ranks.main)
         if objective.teacher == "ema":  # the next round continues it
             path = save_teacher_weights(teacher, out_dir / EMA_TEACHER_FILE, main=ranks.main)

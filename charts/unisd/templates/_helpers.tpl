@@ -71,3 +71,8 @@ seccompProfile:
 {{- $hosts = concat $hosts (list "localhost:*" "127.0.0.1:*") .Values.mlflow.extraAllowedHosts -}}
 {{- join "," $hosts -}}
 {{- end -}}
+
+{{/* The ClusterTrainingRuntime multi-node train steps use (cluster-scoped: prefixed to stay unique). */}}
+{{- define "unisd.trainerRuntime" -}}
+{{- printf "%s-torch-distributed" (include "unisd.prefix" .) -}}
+{{- end -}}
