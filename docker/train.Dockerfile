@@ -31,10 +31,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:${PATH}
 
 # python3 is 3.12 on Ubuntu 24.04 (3.11 on Debian bookworm). gcc/g++/python3-dev: Triton (torch.compile)
-# and DeepSpeed's CPU ops compile small C/C++ extensions at run time. apt versions follow the base's release.
+# and DeepSpeed's CPU ops compile small C/C++ extensions at run time. bubblewrap + util-linux: the sandbox
+# backends for the steps of this image that run model-written code (eval, the contexts negatives check);
+# without a working one the sandbox refuses. apt versions follow the base's release.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        ca-certificates python3 python3-venv python3-dev gcc g++ ninja-build \
+        ca-certificates python3 python3-venv python3-dev gcc g++ ninja-build bubblewrap util-linux \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv "${VIRTUAL_ENV}"
 
