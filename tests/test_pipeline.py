@@ -32,8 +32,12 @@ STAGES = [
 
 
 def body_tasks(spec: dict) -> dict:
-    """The DAG inside the ExitHandler (everything but the exit task)."""
-    return spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    """The tasks inside the ExitHandler (everything but the exit task), the data-changed If's included."""
+    tasks = dict(spec["components"]["comp-exit-handler-1"]["dag"]["tasks"])
+    for name, comp in spec["components"].items():
+        if name.startswith("comp-condition-") and "dag" in comp:
+            tasks |= comp["dag"]["tasks"]
+    return tasks
 
 
 @pytest.fixture(scope="module")

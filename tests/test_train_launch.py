@@ -204,8 +204,9 @@ def _compile(tmp_path: Path, monkeypatch, **env) -> tuple[dict, dict]:
 
 
 def _train_tasks(spec: dict) -> dict:
-    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    return {k: v for k, v in tasks.items() if k.startswith("train-op")}
+    from test_pipeline import body_tasks
+
+    return {k: v for k, v in body_tasks(spec).items() if k.startswith("train-op")}
 
 
 def _launch(task: dict) -> LaunchSpec:

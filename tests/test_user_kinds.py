@@ -12,25 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from unisd.data.records import Record
 from unisd.evaluate import EvalConfig, run_eval
 from unisd.prepare import PrepareConfig, run_prepare
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
-
-
-def code_kind_runs_user_datasets() -> bool:
-    from unisd.tasks import code
-
-    record = Record(
-        "x/1", "x", "test", "q", "", "", tests=["assert f() == 1"], entry_point="f", task_kind="code"
-    )
-    try:
-        code.code_program(record, "def f():\n    return 1\n")
-    except ValueError:
-        return False
-    return True
 
 
 DATASETS = {
@@ -63,15 +49,7 @@ def prepared(tmp_path_factory, tiny_llama):
         "support",
         "faq",
         "assistant",
-        pytest.param(
-            "pyfuncs",
-            marks=pytest.mark.xfail(
-                not code_kind_runs_user_datasets(),
-                reason="unisd.tasks.code.code_program refuses benchmarks other than mbpp/humaneval",
-                raises=ValueError,
-                strict=True,
-            ),
-        ),
+        "pyfuncs",
     ],
 )
 def test_user_dataset_is_evaluated_by_its_kind(prepared, tiny_llama, tmp_path, name):

@@ -294,12 +294,13 @@ def evaluate(
 
     No MLflow calls here: eval pods run model-written code and have no network egress; the register step
     logs the eval results."""
+    from unisd.data.sources import dataset_name, is_source
     from unisd.evaluate import run_eval
 
     results = run_eval(
         cfg.eval,
         model_spec=student_spec(cfg, student),
-        benchmark=benchmark,
+        benchmark=dataset_name(benchmark) if is_source(benchmark) else benchmark,  # a bare URI: its name
         prepared_dir=prepared_dir,
         out_dir=out_dir,
         base_spec=cfg.model if student else None,
