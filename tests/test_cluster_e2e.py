@@ -232,8 +232,9 @@ def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeyp
         assert all(w.startswith(PodTaskHandler.rewrite[IMAGE_CODE]) for w in where), where
         ran = [p["function"] for p in launched]
         assert all(p["rc"] == 0 for p in launched)
-        # every executor of the IR ran (promote only when the gate says so), each in its own empty cwd
-        expected = set(by_function) - {"promote_op"}
+        # every executor of the IR ran (promote too: it moves the alias only when the gate says so), each in
+        # its own empty cwd
+        expected = set(by_function)
         assert expected <= set(ran), expected - set(ran)
         assert len({p["cwd"] for p in launched}) == len(launched)
         # only the prepare pod got the data location and the credentials (from the IR: env + Secret)
@@ -271,7 +272,8 @@ def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeyp
         (decision_file,) = (tmp_path / "root").glob("**/register-op*/executor_output.json")
         decision = json.loads(json.loads(decision_file.read_text())["parameterValues"]["decision"])
         assert decision["version"] == "1" and "promote" in decision
-        assert ("promote_op" in ran) == bool(decision["promote"])
+        aliases = client.get_registered_model(version.name).aliases
+        assert ("champion" in aliases) == bool(decision["promote"])
         assert list((tmp_path / "root").glob("**/report-op*/html"))
 
 

@@ -373,6 +373,8 @@ def starting_model(cfg: RunConfig, run_id: str, out_dir: str) -> dict:
         start = {"champion": "", "reason": "round 0 starts from the base model"}
         write_json(out / NO_MODEL, start)
     write_json(out / "start.json", start)
+    # train-output shaped (`unisd train --previous` checks the stage): the round before round 0
+    write_json(out / "manifest.json", {"stage": "train", "counts": {}, "starting_model": start})
     log.info("starting model: %s", start["reason"])
     return start
 
