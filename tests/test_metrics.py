@@ -72,10 +72,24 @@ def test_humaneval_program_continuation_and_full_definition(problems):
         metrics.humaneval_program(bad, "pass")
 
 
-def test_code_program_rejects_other_benchmarks():
-    record = Record(id="x/1", benchmark="gpqa", split="test", question="", reference="", answer="A")
-    with pytest.raises(ValueError, match="x/1: benchmark 'gpqa' has no test programs"):
-        metrics.code_program(record, "")
+def test_code_program_of_a_user_dataset_takes_mbpps_form_and_needs_tests():
+    record = Record(
+        id="pyfuncs/1",
+        benchmark="pyfuncs",
+        split="test",
+        question="",
+        reference="",
+        answer="",
+        tests=["assert f() == 1"],
+        setup_code="import math",
+        entry_point="f",
+        task_kind="code",
+    )
+    solution = "def f():\n    return 1\n"
+    assert metrics.code_program(record, solution) == solution + "\nimport math\nassert f() == 1\n"
+    no_tests = Record(id="x/1", benchmark="gpqa", split="test", question="", reference="", answer="A")
+    with pytest.raises(ValueError, match="x/1: MBPP record has no tests"):
+        metrics.code_program(no_tests, "")
 
 
 # --------------------------------------------------------------------------------------------------
