@@ -1,6 +1,9 @@
-"""A whole round per preset, side by side: the wall time of every stage (prepare → contexts → rollout → score →
-train) through `unisd.pipeline_steps` — exactly what the pipeline runs — for each preset, in fresh folders,
-presets alternated within each repeat.
+"""A whole round per preset, side by side: wall time and peak memory of every stage (prepare → contexts →
+rollout → score → train) through `unisd.pipeline_steps` — exactly what the pipeline's pods run — for each
+preset, in fresh folders, presets alternated within each repeat.
+
+Each stage runs in its own child process, as it does in its pod, so a stage's peak resident memory (VmHWM,
+model load included) is its own and not what an earlier stage left in the heap.
 
     python bench/bench_round.py                                  # demo settings, sd vs unisd_star, 3 repeats
     python bench/bench_round.py --presets sd sft unisd_star --repeats 1 rollout.decode=pruned
@@ -9,9 +12,11 @@ presets alternated within each repeat.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,27 +25,58 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from unisd import pipeline_steps as steps  # noqa: E402
-from unisd.runconfig import load_run_config  # noqa: E402
-
 STAGES = ("prepare", "contexts", "rollout", "score", "train")
 
 
-def one_round(cfg, root: Path) -> dict[str, float]:
-    times = {}
+def peak_rss_gib() -> float | None:
+    """This process's peak resident set (Linux VmHWM), GiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
 
-    def timed(name, fn, *args):
-        start = time.perf_counter()
-        fn(*args)
-        times[name] = time.perf_counter() - start
 
+def run_stage(stage: str, config: str, overrides: list[str], root: Path) -> None:
+    """Child: one stage of the round in `root`, then one JSON line {seconds, peak_gib}."""
+    from unisd import pipeline_steps as steps
+    from unisd.runconfig import load_run_config
+
+    cfg = load_run_config(config, overrides)
     p, c, r, s, t = (str(root / n) for n in STAGES)
-    timed("prepare", steps.prepare, cfg, p)
-    timed("contexts", steps.contexts, cfg, p, c)
-    timed("rollout", steps.rollout, cfg, p, r)
-    timed("score", steps.score, cfg, p, c, r, s)
-    timed("train", steps.train, cfg, p, c, r, s, t)
-    return times
+    calls = {
+        "prepare": lambda: steps.prepare(cfg, p),
+        "contexts": lambda: steps.contexts(cfg, p, c),
+        "rollout": lambda: steps.rollout(cfg, p, r),
+        "score": lambda: steps.score(cfg, p, c, r, s),
+        "train": lambda: steps.train(cfg, p, c, r, s, t),
+    }
+    start = time.perf_counter()
+    calls[stage]()
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_gib": peak_rss_gib()}))
+
+
+def one_round(config: str, overrides: list[str], root: Path) -> dict[str, dict]:
+    out = {}
+    for stage in STAGES:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--config",
+            config,
+            "--stage",
+            stage,
+            "--root",
+            str(root),
+            *overrides,
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"stage {stage} failed:\n{done.stderr[-3000:]}")
+        out[stage] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 def main() -> None:
@@ -48,32 +84,43 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--presets", nargs="+", default=["sd", "unisd_star"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="run config overrides, key.sub=value")
     args = ap.parse_args()
+    if args.stage:
+        return run_stage(args.stage, args.config, args.overrides, Path(args.root))
     print(
         f"{args.config} {' '.join(args.overrides)}: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
-        f"{args.repeats} repeats, presets alternated; {time.strftime('%Y-%m-%d')}"
+        f"{args.repeats} repeats, presets alternated; each stage in its own process; {time.strftime('%Y-%m-%d')}"
     )
-    runs: dict[str, list[dict[str, float]]] = {p: [] for p in args.presets}
+    runs: dict[str, list[dict[str, dict]]] = {p: [] for p in args.presets}
     for _ in range(args.repeats):
         for preset in args.presets:
-            cfg = load_run_config(args.config, [*args.overrides, f"preset={preset}", "pipeline.shards=1"])
             with tempfile.TemporaryDirectory() as tmp:
-                runs[preset].append(one_round(cfg, Path(tmp)))
-    print("| preset | " + " | ".join(STAGES) + " | round (min / median / max) | × sd |")
+                overrides = [*args.overrides, f"preset={preset}", "pipeline.shards=1"]
+                runs[preset].append(one_round(args.config, overrides, Path(tmp)))
+    print("stage seconds (median), round seconds (min / median / max):")
+    print("| preset | " + " | ".join(STAGES) + " | round | × sd |")
     print("|---|" + "---|" * (len(STAGES) + 2))
-    total = {p: [sum(r.values()) for r in rs] for p, rs in runs.items()}
+    total = {p: [sum(st["seconds"] for st in r.values()) for r in rs] for p, rs in runs.items()}
     sd = statistics.median(total["sd"]) if "sd" in total else None
     for preset, rs in runs.items():
-        cells = [f"{statistics.median(r[s] for r in rs):.1f}" for s in STAGES]
+        cells = [f"{statistics.median(r[s]['seconds'] for r in rs):.1f}" for s in STAGES]
         t = total[preset]
         ratio = f"{statistics.median(t) / sd:.2f}×" if sd else "–"
         print(
             f"| {preset} | "
             + " | ".join(cells)
-            + f" | {min(t):.1f} / {statistics.median(t):.1f} / {max(t):.1f} s | {ratio} |"
+            + f" | {min(t):.1f} / {statistics.median(t):.1f} / {max(t):.1f} | {ratio} |"
         )
+    print("\nstage peak resident memory, GiB (median):")
+    print("| preset | " + " | ".join(STAGES) + " |")
+    print("|---|" + "---|" * len(STAGES))
+    for preset, rs in runs.items():
+        cells = [f"{statistics.median(r[s]['peak_gib'] or 0 for r in rs):.2f}" for s in STAGES]
+        print(f"| {preset} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

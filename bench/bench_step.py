@@ -32,7 +32,10 @@ VARIANTS = ["sd", "sft", "agreement_tok_retrieval", "ema", "contrastive", "match
 
 
 def window(tokenizer, n: int, prompt: int, teacher: int, completion: int, views: int, seed: int = 0):
-    """n training items of the given token lengths (ids drawn from the real vocabulary), K view log-probs."""
+    """n training items of the given token lengths (ids drawn from the real vocabulary), K view log-probs.
+
+    Laid out as the real prompts are (data/prompts.py): the teacher prompt is x followed by the demonstration
+    block, so the c*- and c⁻-teacher rows share the prefix x and differ only in the demonstration."""
     import torch
 
     rng = random.Random(seed)
@@ -48,8 +51,8 @@ def window(tokenizer, n: int, prompt: int, teacher: int, completion: int, views:
             {
                 "id": f"bench/{i}",
                 "student_prompt_ids": x,
-                "teacher_prompt_ids": toks(teacher - prompt) + x,
-                "negative_prompt_ids": toks(teacher - prompt) + x,
+                "teacher_prompt_ids": x + toks(teacher - prompt),
+                "negative_prompt_ids": x + toks(teacher - prompt),
                 "completion_ids": toks(completion),
                 "view_logps": -torch.rand(views, completion) * 4,
             }

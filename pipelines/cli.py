@@ -399,19 +399,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as err:
         if not str(err).startswith("Pipeline"):
             raise
-        outcome = "failed"
-        failure = failure_line(log_path.read_text(errors="replace")) if log_path.exists() else None
-        tasks = ", ".join(_failed_tasks(err)) or "a stage"
-        kind, message = failure or ("", "see the log")
-        code = 2 if kind in _USER_EXCEPTIONS or "No space left" in message else 1
-        if "No space left" in message:
-            free = shutil.disk_usage(run_dir).free / 2**20
-            message = (
-                f"no space left on device ({free:.0f} MiB free in {run_dir}): free some space, then resume"
-            )
-        print(f"\nunisd run: error: {tasks} failed: {kind + ': ' if kind else ''}{message}", file=sys.stderr)
-        print(f"  log: {log_path}", file=sys.stderr)
-        print(f"  to retry the stages that did not finish: unisd run --resume {run_dir}", file=sys.stderr)
+        outcome, code = "failed", _report_pipeline_failure(err, log_path, run_dir)
     finally:
         elapsed = time.perf_counter() - started
         state["attempts"][-1] = attempt | {
@@ -421,8 +409,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         }
         write_json(run_dir / RUN_STATE, state)
         (run_dir / "driver.pid").unlink(missing_ok=True)
-    if outcome != "succeeded":
-        return code
+    if outcome == "succeeded":
+        _print_finished_run(run_dir, state, tasks_dir, elapsed)
+    return code
+
+
+def _report_pipeline_failure(err: Exception, log_path: Path, run_dir: Path) -> int:
+    """One line naming the failed stages and the first user-facing error of the log; returns the exit code
+    (2: bad input or a full disk, 1: a bug)."""
+    failure = failure_line(log_path.read_text(errors="replace")) if log_path.exists() else None
+    tasks = ", ".join(_failed_tasks(err)) or "a stage"
+    kind, message = failure or ("", "see the log")
+    code = 2 if kind in _USER_EXCEPTIONS or "No space left" in message else 1
+    if "No space left" in message:
+        free = shutil.disk_usage(run_dir).free / 2**20
+        message = f"no space left on device ({free:.0f} MiB free in {run_dir}): free some space, then resume"
+    print(f"\nunisd run: error: {tasks} failed: {kind + ': ' if kind else ''}{message}", file=sys.stderr)
+    print(f"  log: {log_path}", file=sys.stderr)
+    print(f"  to retry the stages that did not finish: unisd run --resume {run_dir}", file=sys.stderr)
+    return code
+
+
+def _print_finished_run(run_dir: Path, state: dict, tasks_dir: Path, elapsed: float) -> None:
+    """summary.json, the results table, and where the report and the MLflow run are."""
+    from unisd import tracking
+
     summary = local_run_summary(tasks_dir, tracking_uri=state["tracking_uri"], elapsed_s=elapsed)
     summary["run_dir"], summary["attempts"] = str(run_dir), len(state["attempts"])
     summary["mlflow"] = _mlflow_state(run_dir, state)
@@ -443,7 +454,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"MLflow UI: mlflow ui --backend-store-uri {state['tracking_uri']} --port 5000   "
             "(then open http://127.0.0.1:5000)"
         )
-    return 0
 
 
 def _mlflow_state(run_dir: Path, state: dict) -> dict:

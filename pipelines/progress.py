@@ -129,7 +129,15 @@ class StageConsole:
         return TITLES.get(base, base) + (f" [{task.rsplit('-', 1)[1]}]" if base != task else "")
 
     def _task_dir(self, task: str) -> Path:
-        return self.run_root / task
+        """The task's folder; a task inside a ParallelFor (rollout / score shards) lives in a
+        `for-loop-*-iteration-*` folder, and the one that just finished is the newest."""
+        direct = self.run_root / task
+        if direct.exists():
+            return direct
+        shards = [d for d in self.run_root.glob(f"for-loop-*/{task}") if any(d.glob("*/manifest.json"))]
+        if not shards:
+            return direct
+        return max(shards, key=lambda d: max(m.stat().st_mtime for m in d.glob("*/manifest.json")))
 
     def close(self) -> None:
         self.bar.close()

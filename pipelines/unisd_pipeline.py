@@ -397,6 +397,71 @@ def evaluate_register_report(*, config, prepared, benchmarks, student, scores, r
     place(rep, "report", "Run report", settings)
 
 
+def pipeline_body(config_yaml, ui, extra_overrides, *, defaults, rounds, launch, settings) -> None:
+    """Everything inside the ExitHandler (`ui`: the run parameters as pipeline channels): resolve the config,
+    open the MLflow run, prepare, check whether the data changed, then train / evaluate / register / report."""
+    resolved = resolve_config_op(
+        config_yaml=config_yaml, **ui, extra_overrides=extra_overrides, ui_defaults=defaults
+    )
+    place(resolved, "resolve-config", "Resolve config", settings)
+    cfg = resolved.outputs["config"]
+    run = place(
+        start_tracking_op(config=cfg, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER),
+        "start-tracking",
+        "Start MLflow run",
+        settings,
+    )
+    prep = place(prepare_op(config=cfg), "prepare", "Prepare data", settings)
+    prep.after(run)  # MLflow down → the pipeline stops in seconds, before any expensive stage
+    prepared = prep.outputs["prepared"]
+    check = data_check_op(config=cfg, prepared=prepared, run_id=run.outputs["run_id"])
+    place(check, "data-check", "Data changed since the champion?", settings)
+    with dsl.If(check.output == "train", name="data-changed"):
+        student, scores = training_rounds(
+            cfg, prepared, run, num_shards=ui["num_shards"], rounds=rounds, launch=launch, settings=settings
+        )
+        evaluate_register_report(
+            config=cfg,
+            prepared=prepared,
+            benchmarks=ui["benchmarks"],
+            student=student,
+            scores=scores.outputs["merged"],
+            run=run,
+            settings=settings,
+        )
+
+
+def training_rounds(cfg, prepared, run, *, num_shards, rounds: int, launch, settings):
+    """Starting model → contexts → `rounds` × (rollout → score → train); returns (the last student model,
+    the last round's gathered scores task)."""
+    start = starting_model_op(config=cfg, run_id=run.outputs["run_id"])
+    place(start, "starting-model", "Starting model (champion or base)", settings)
+    ctx = place(
+        contexts_op(config=cfg, prepared=prepared),
+        "contexts",
+        "Auxiliary contexts + negatives",
+        settings,
+    )
+    shards = place(shard_indices_op(num_shards=num_shards), "shards", "Shards", settings)
+    student, scores = start.outputs["model"], None  # round 0: the champion's weights or the base
+    for r in range(rounds):
+        round_data = dict(config=cfg, prepared=prepared, contexts=ctx.outputs["contexts"])
+        rollouts, scores = distillation_round(
+            r, **round_data, shards=shards, num_shards=num_shards, student=student, settings=settings
+        )
+        tr = train_op(
+            **round_data,
+            rollouts=rollouts.outputs["merged"],
+            scores=scores.outputs["merged"],
+            run_id=run.outputs["run_id"],
+            round_index=r,
+            launch=launch,
+            previous=student,
+        )
+        student = place(tr, "train", f"Distillation training (round {r})", settings).outputs["model"]
+    return student, scores
+
+
 def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | Path = DEFAULT_CONFIG):
     """The pipeline function, with `rounds` unrolled and cluster settings on or off (kfp.local: off)."""
     from unisd.config import load_config
@@ -414,61 +479,6 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
     default_config = json.dumps(yaml.safe_load(Path(config_path).read_text()))
     d = defaults
     launch = settings.launch_spec() if settings else {}  # kfp.local: one process
-
-    def body(config_yaml, ui, extra_overrides):
-        """Everything inside the ExitHandler (`ui`: the run parameters as pipeline channels)."""
-        num_shards, benchmarks = ui["num_shards"], ui["benchmarks"]
-        resolved = resolve_config_op(
-            config_yaml=config_yaml, **ui, extra_overrides=extra_overrides, ui_defaults=defaults
-        )
-        place(resolved, "resolve-config", "Resolve config", settings)
-        cfg = resolved.outputs["config"]
-        run = place(
-            start_tracking_op(config=cfg, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER),
-            "start-tracking",
-            "Start MLflow run",
-            settings,
-        )
-        prep = place(prepare_op(config=cfg), "prepare", "Prepare data", settings)
-        prep.after(run)  # MLflow down → the pipeline stops in seconds, before any expensive stage
-        prepared = prep.outputs["prepared"]
-        check = data_check_op(config=cfg, prepared=prepared, run_id=run.outputs["run_id"])
-        place(check, "data-check", "Data changed since the champion?", settings)
-        with dsl.If(check.output == "train", name="data-changed"):
-            start = starting_model_op(config=cfg, run_id=run.outputs["run_id"])
-            place(start, "starting-model", "Starting model (champion or base)", settings)
-            ctx = place(
-                contexts_op(config=cfg, prepared=prepared),
-                "contexts",
-                "Auxiliary contexts + negatives",
-                settings,
-            )
-            shards = place(shard_indices_op(num_shards=num_shards), "shards", "Shards", settings)
-            student, scores = start.outputs["model"], None  # round 0: the champion's weights or the base
-            for r in range(rounds):
-                round_data = dict(config=cfg, prepared=prepared, contexts=ctx.outputs["contexts"])
-                rollouts, scores = distillation_round(
-                    r, **round_data, shards=shards, num_shards=num_shards, student=student, settings=settings
-                )
-                tr = train_op(
-                    **round_data,
-                    rollouts=rollouts.outputs["merged"],
-                    scores=scores.outputs["merged"],
-                    run_id=run.outputs["run_id"],
-                    round_index=r,
-                    launch=launch,
-                    previous=student,
-                )
-                student = place(tr, "train", f"Distillation training (round {r})", settings).outputs["model"]
-            evaluate_register_report(
-                config=cfg,
-                prepared=prepared,
-                benchmarks=benchmarks,
-                student=student,
-                scores=scores.outputs["merged"],
-                run=run,
-                settings=settings,
-            )
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -510,6 +520,14 @@ def build_pipeline(*, rounds: int = 1, cluster: bool = True, config_path: str | 
         end.set_caching_options(False)  # it must run every time, with this attempt's status
         place(end, "end-tracking", "End MLflow run", settings)
         with dsl.ExitHandler(end, name="unisd-run"):
-            body(config_yaml, ui, extra_overrides)
+            pipeline_body(
+                config_yaml,
+                ui,
+                extra_overrides,
+                defaults=defaults,
+                rounds=rounds,
+                launch=launch,
+                settings=settings,
+            )
 
     return unisd_pipeline

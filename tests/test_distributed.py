@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import TINY_TRAIN
 
 from unisd.train import latest_checkpoint
 
@@ -38,16 +39,9 @@ pytestmark = [
 
 HERE = Path(__file__).resolve().parent
 SPEC = "tiny:llama"
-LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+LORA = {**TINY_TRAIN["lora"], "dropout": 0.0}
 # 4 items per optimizer step: 1 rank = 2 micro-batches of 2 (accumulation); 2 ranks = 1 micro-batch of 2 each.
-BASE = {
-    "lr": 1e-3,
-    "micro_batch_size": 2,
-    "grad_accum": 2,
-    "checkpoint_every": 1,
-    "seed": 3,
-    "save_merged": False,
-}
+BASE = {**{k: v for k, v in TINY_TRAIN.items() if k != "lora"}, "save_merged": False}
 FULL = {**BASE, "lora": {**LORA, "enabled": False}, "max_steps": 3}
 RUNS = {
     "lora": {**BASE, "lora": LORA, "max_steps": 8},

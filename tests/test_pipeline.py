@@ -270,6 +270,25 @@ def test_pipeline_signature_and_config_op_follow_the_ui_parameter_table(compiled
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == names | {"config_yaml", "extra_overrides"}
     op_inputs = set(spec["components"]["comp-resolve-config-op"]["inputDefinitions"]["parameters"])
     assert op_inputs == names | {"config_yaml", "extra_overrides", "ui_defaults"}
+    exit_inputs = set(spec["components"]["comp-end-tracking-op"]["inputDefinitions"]["parameters"])
+    assert names <= exit_inputs
+    # KFP needs literal signatures, so both ops spell the table out again: the dict each passes to
+    # resolve_config must name every UI parameter, each from its own argument.
+    import ast
+    import inspect
+
+    from components import stages
+
+    for op in (stages.resolve_config_op, stages.end_tracking_op):
+        tree = ast.parse(inspect.getsource(op.python_func))
+        calls = [
+            n for n in ast.walk(tree)
+            if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "ui"
+        ]  # fmt: skip
+        assert len(calls) == 1, op.name
+        keywords = calls[0].value.keywords
+        assert {k.arg for k in keywords} == names, op.name
+        assert all(isinstance(k.value, ast.Name) and k.value.id == k.arg for k in keywords), op.name
 
 
 def test_schedule_sends_cron_and_parameters(kfp_api):
@@ -317,3 +336,27 @@ def test_the_failed_components_error_is_found_in_the_run_log():
         "no training items left after the length limits (4 dropped); see report",
     )
     assert failure_line("no traceback here") is None
+
+
+def test_stage_lines_count_the_shard_that_finished(tmp_path):
+    """A ParallelFor task's folder is inside for-loop-*-iteration-*: its stage line still shows its counts."""
+    import io
+    import os
+
+    from pipelines.progress import StageConsole, _key_counts
+    from unisd.artifacts import write_json
+
+    for i, items in ((0, 8), (1, 5)):
+        write_json(
+            tmp_path / f"for-loop-3-iteration-{i}" / "rollout-op" / "rollout" / "manifest.json",
+            {
+                "stage": "rollout",
+                "counts": {"items": items, "completion_tokens": 10 * items, "tokens_per_s": 3},
+            },
+        )
+    newest = tmp_path / "for-loop-3-iteration-0" / "rollout-op" / "rollout" / "manifest.json"
+    os.utime(newest, (newest.stat().st_mtime + 5,) * 2)
+    console = StageConsole(io.StringIO(), io.StringIO(), tmp_path, total=1)
+    assert _key_counts(console._task_dir("rollout-op")) == "8 completions, 80 tokens (3 tok/s)"
+    assert _key_counts(console._task_dir("score-op")) == ""  # not run: no folder, no counts
+    console.close()

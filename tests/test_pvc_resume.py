@@ -28,7 +28,7 @@ import time
 import pytest
 import torch
 import yaml
-from test_train import SPEC, _final_weights, _train_cli, make_artifacts
+from test_train import SPEC, TINY_TRAIN, _final_weights, _train_cli, make_artifacts
 
 from unisd.artifacts import PROGRESS_DIR_ENV, progress_dir
 from unisd.scoring import ScoringConfig, run_scoring
@@ -83,16 +83,7 @@ TOTAL_STEPS = 8
 
 
 def write_config(path):
-    train = {
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-        "lr": 1e-3,
-        "micro_batch_size": 2,
-        "grad_accum": 2,
-        "max_steps": TOTAL_STEPS,
-        "checkpoint_every": 1,
-        "seed": 3,
-        "save_merged": False,
-    }
+    train = {**TINY_TRAIN, "max_steps": TOTAL_STEPS, "save_merged": False}
     config = {"model": SPEC, "preset": "unisd_star", "objective": {"ema_every": 1}, "train": train}
     path.write_text(yaml.safe_dump(config))
     return path

@@ -66,18 +66,21 @@ def make_artifacts(root, n_items=8, k=3, seed=0, empty_ids=()):
     return root / "prepared", root / "contexts", root / "rollout"
 
 
+# The train settings of every tiny-model training test (test_distributed, test_pvc_resume import it): LoRA on
+# q/v, 4 items per optimizer step (2 micro-batches of 2), a checkpoint every step, a fixed seed.
+TINY_TRAIN = {
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+    "lr": 1e-3,
+    "micro_batch_size": 2,
+    "grad_accum": 2,
+    "checkpoint_every": 1,
+    "seed": 3,
+}
+
+
 def _cfg(**kw):
-    base = dict(
-        lora=LoraSettings(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]),
-        lr=1e-3,
-        micro_batch_size=2,
-        grad_accum=2,
-        max_steps=4,
-        checkpoint_every=1,
-        seed=3,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    base = {**TINY_TRAIN, "lora": LoraSettings(**TINY_TRAIN["lora"]), "max_steps": 4}
+    return TrainConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -183,16 +186,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, arti
                 "model": SPEC,
                 "preset": "unisd_star",
                 "objective": {"ema_every": 1},
-                "train": {
-                    "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-                    "lr": 1e-3,
-                    "micro_batch_size": 2,
-                    "grad_accum": 2,
-                    "max_steps": total_steps,
-                    "checkpoint_every": 1,
-                    "seed": 3,
-                    "save_merged": False,
-                },
+                "train": {**TINY_TRAIN, "max_steps": total_steps, "save_merged": False},
             }
         )
     )

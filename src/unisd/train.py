@@ -1422,6 +1422,62 @@ def run_train(
         )
 
 
+def check_memory_fits(cfg: TrainConfig, objective, model_spec: str, items, ranks: Ranks) -> None:
+    """Estimate this run's memory per rank on the meta device (no weights loaded), log the table, and refuse a
+    run that cannot fit before any model is loaded (`train.skip_memory_check` turns the refusal off)."""
+    device = distributed.device_for(ranks)
+    try:
+        estimate = memory_estimate(cfg, objective, meta_student(model_spec, cfg), items, ranks, device)
+    except Exception as err:  # an architecture the meta device cannot build: train without an estimate
+        log.warning("no memory estimate for %s: %s", model_spec, err)
+        return
+    if ranks.main:
+        log.info("%s", estimate.table())
+    if not cfg.skip_memory_check:
+        distributed.check_memory(
+            estimate,
+            lora=cfg.lora.enabled,
+            engine=cfg.deepspeed,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+
+
+def train_until_done(
+    run: TrainingRun,
+    stage,
+    history: list[dict],
+    ckpt_dir: Path,
+    metrics_path: Path,
+    *,
+    log_metrics,
+    stop_after_steps,
+) -> int | None:
+    """The step loop: a window per optimizer step, metrics to MLflow and `metrics_path`, a checkpoint every
+    `checkpoint_every` steps and at the end. Returns the step it stopped at early (`stop_after_steps`), else None."""
+    from tqdm.auto import tqdm
+
+    main = run.ranks.main
+    bar = tqdm(total=run.total_steps, initial=run.state["step"], desc="train", unit="step", disable=not main)
+    try:
+        while not run.done:
+            with stage.timer("step"):
+                record = run.step(run.next_window())
+            history.append(record)
+            if log_metrics and main:
+                log_metrics({k: v for k, v in record.items() if k != "step"}, record["step"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+            if record["step"] % run.cfg.checkpoint_every == 0 or run.done:
+                if main:
+                    write_jsonl(metrics_path, history)
+                run.checkpoint(ckpt_dir)
+            if stop_after_steps is not None and stop_after_steps <= record["step"] and not run.done:
+                return record["step"]
+    finally:
+        bar.close()
+    return None
+
+
 def _run_train(
     ranks: Ranks,
     cfg,
@@ -1464,21 +1520,7 @@ def _run_train(
         items, skipped = items_for(
             cfg, objective, load_tokenizer(model_spec), prepared_dir, contexts_dir, rollout_dirs, score_dirs
         )
-        device = distributed.device_for(ranks)
-        try:
-            estimate = memory_estimate(cfg, objective, meta_student(model_spec, cfg), items, ranks, device)
-        except Exception as err:  # an architecture the meta device cannot build: train without an estimate
-            log.warning("no memory estimate for %s: %s", model_spec, err)
-            estimate = None
-        if ranks.main and estimate is not None:
-            log.info("%s", estimate.table())
-        if estimate is not None and not cfg.skip_memory_check:
-            distributed.check_memory(
-                estimate,
-                lora=cfg.lora.enabled,
-                engine=cfg.deepspeed,
-                gradient_checkpointing=cfg.gradient_checkpointing,
-            )
+        check_memory_fits(cfg, objective, model_spec, items, ranks)
         tokenizer, model, teacher = build_models(cfg, objective, model_spec, ranks=ranks)
         run = TrainingRun.create(
             cfg, objective, tokenizer, model, teacher, items, ranks=ranks, model_spec=model_spec
@@ -1489,27 +1531,17 @@ def _run_train(
         for h in (read_jsonl(metrics_path) if ranks.main and metrics_path.exists() else [])
         if h["step"] <= run.state["step"]
     ]
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=run.total_steps, initial=run.state["step"], desc="train", unit="step", disable=not ranks.main
+    stopped_at = train_until_done(
+        run,
+        stage,
+        history,
+        ckpt_dir,
+        metrics_path,
+        log_metrics=log_metrics,
+        stop_after_steps=stop_after_steps,
     )
-    while not run.done:
-        with stage.timer("step"):
-            record = run.step(run.next_window())
-        history.append(record)
-        if log_metrics and ranks.main:
-            log_metrics({k: v for k, v in record.items() if k != "step"}, record["step"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
-        if record["step"] % cfg.checkpoint_every == 0 or run.done:
-            if ranks.main:
-                write_jsonl(metrics_path, history)
-            run.checkpoint(ckpt_dir)
-        if stop_after_steps is not None and stop_after_steps <= record["step"] and not run.done:
-            bar.close()
-            return {"stopped_at": record["step"]}
-    bar.close()
+    if stopped_at is not None:
+        return {"stopped_at": stopped_at}
     with stage.timer("save"):
         if ranks.main:
             write_jsonl(out_dir / "metrics.jsonl", history)
