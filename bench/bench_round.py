@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,15 +29,9 @@ sys.path.insert(0, str(ROOT / "src"))
 STAGES = ("prepare", "contexts", "rollout", "score", "train")
 
 
-def peak_rss_gib() -> float | None:
-    """This process's peak resident set (Linux VmHWM), GiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        return None
-    return None
+def peak_rss_gib() -> float:
+    """This process's peak resident set, GiB (as bench_step measures it: ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run_stage(stage: str, config: str, overrides: list[str], root: Path) -> None:
@@ -119,7 +114,7 @@ def main() -> None:
     print("| preset | " + " | ".join(STAGES) + " |")
     print("|---|" + "---|" * len(STAGES))
     for preset, rs in runs.items():
-        cells = [f"{statistics.median(r[s]['peak_gib'] or 0 for r in rs):.2f}" for s in STAGES]
+        cells = [f"{statistics.median(r[s]['peak_gib'] for r in rs):.2f}" for s in STAGES]
         print(f"| {preset} | " + " | ".join(cells) + " |")
 
 

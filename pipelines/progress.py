@@ -134,10 +134,11 @@ class StageConsole:
         direct = self.run_root / task
         if direct.exists():
             return direct
-        shards = [d for d in self.run_root.glob(f"for-loop-*/{task}") if any(d.glob("*/manifest.json"))]
-        if not shards:
-            return direct
-        return max(shards, key=lambda d: max(m.stat().st_mtime for m in d.glob("*/manifest.json")))
+        finished = {
+            m.parent.parent: m.stat().st_mtime
+            for m in self.run_root.glob(f"for-loop-*/{task}/*/manifest.json")
+        }
+        return max(finished, key=finished.get) if finished else direct
 
     def close(self) -> None:
         self.bar.close()
