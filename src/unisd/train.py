@@ -1542,26 +1542,33 @@ def _run_train(
     )
     if stopped_at is not None:
         return {"stopped_at": stopped_at}
+    return finish_training(run, stage, history, out_dir, skipped)
+
+
+def finish_training(run: TrainingRun, stage, history: list[dict], out_dir: Path, skipped) -> dict[str, Any]:
+    """Save the model (adapter / merged, the EMA teacher the next round continues), metrics.jsonl and the
+    manifest (rank 0); returns the manifest on every rank."""
+    main = run.ranks.main
     with stage.timer("save"):
-        if ranks.main:
+        if main:
             write_jsonl(out_dir / "metrics.jsonl", history)
-        export = save_trained_model(model, tokenizer, out_dir, cfg, engine=run.engine, main=ranks.main)
-        if objective.teacher == "ema":  # the next round continues it
-            path = save_teacher_weights(teacher, out_dir / EMA_TEACHER_FILE, main=ranks.main)
+        export = save_trained_model(run.model, run.tokenizer, out_dir, run.cfg, engine=run.engine, main=main)
+        if run.objective.teacher == "ema":  # the next round continues it
+            path = save_teacher_weights(run.teacher, out_dir / EMA_TEACHER_FILE, main=main)
             export["ema_teacher"] = str(path)
     counts = {
-        "items": len(items),
+        "items": len(run.items),
         "skipped": skipped,
         "steps": run.state["step"],
         "bad_items": run.state["bad_items"],
         "tokens": int(sum(h.get("num_tokens", 0) for h in history)),
         "final": history[-1] if history else {},
-        "ranks": ranks.world,
+        "ranks": run.ranks.world,
         "engine": run.engine.kind,
     }
-    manifest = stage.finish(counts=counts, extra={"export": export}) if ranks.main else None
+    manifest = stage.finish(counts=counts, extra={"export": export}) if main else None
     distributed.barrier()
-    return manifest if ranks.main else read_json(out_dir / "manifest.json")
+    return manifest if main else read_json(out_dir / "manifest.json")
 
 
 def save_trained_model(
