@@ -16,6 +16,7 @@ from unisd.images import image
 
 TRAIN_IMAGE = image("train")
 ROLLOUT_IMAGE = image("rollout")
+SANDBOX_IMAGE = image("sandbox")  # the grade step: CPU only, bubblewrap, no GPU libraries
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
@@ -325,20 +326,35 @@ def eval_op(
     config: Input[Artifact],
     prepared: Input[Dataset],
     benchmark: str,
-    results: Output[Dataset],
-    metrics: Output[Metrics],
+    samples: Output[Dataset],
     model: Optional[Input[Model]] = None,
 ):
-    """One benchmark: sandboxed execution / letter accuracy / call match, retention, reference fit."""
-    import json
-    import math
-
+    """One benchmark: the model's answers (greedy + samples), retention and reference fit. No model-written
+    code runs here: grade_op scores the answers."""
     from unisd.pipeline_steps import evaluate, parse_config
 
     cfg = parse_config(open(config.path).read())
-    aggregate = evaluate(
-        cfg, prepared.path, benchmark, results.path, model.path if model is not None else None
-    )
+    evaluate(cfg, prepared.path, benchmark, samples.path, model.path if model is not None else None)
+
+
+@dsl.component(base_image=SANDBOX_IMAGE, install_kfp_package=False)
+def grade_op(
+    config: Input[Artifact],
+    prepared: Input[Dataset],
+    benchmark: str,
+    samples: Input[Dataset],
+    results: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """One benchmark's task scores: sandboxed execution / letter accuracy / call match of eval_op's answers.
+    The only step that runs model-written code: the sandbox image, no shared volume, egress denied."""
+    import json
+    import math
+
+    from unisd.pipeline_steps import grade, parse_config
+
+    cfg = parse_config(open(config.path).read())
+    aggregate = grade(cfg, prepared.path, benchmark, samples.path, results.path)
     for key, value in aggregate.items():
         # KFP metadata cannot hold NaN (e.g. accuracy over zero parseable answers); results.json keeps it.
         if isinstance(value, int | float) and math.isfinite(value):

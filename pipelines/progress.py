@@ -38,6 +38,7 @@ TITLES = {
     "score-op": "score",
     "train-op": "train",
     "eval-op": "eval",
+    "grade-op": "grade",
     "register-op": "register + gate",
     "promote-op": "promote",
     "report-op": "report",
@@ -46,7 +47,7 @@ TITLES = {
 
 def expected_tasks(*, rounds: int, shards: int, benchmarks: int) -> int:
     """Tasks of one local run (the exit step counted)."""
-    return 7 + rounds * (2 * shards + 3) + 2 * benchmarks + 4
+    return 7 + rounds * (2 * shards + 3) + 4 * benchmarks + 4  # eval + grade, base and distilled
 
 
 def _key_counts(task_dir: Path) -> str:

@@ -35,6 +35,7 @@ from components.stages import (
     data_check_op,
     end_tracking_op,
     eval_op,
+    grade_op,
     merge_shards_op,
     prepare_op,
     promote_op,
@@ -82,6 +83,11 @@ class ClusterSettings:
     cache_mount_path: str = "/cache"
     mlflow_tracking_uri: str = "http://unisd-mlflow.unisd.svc.cluster.local:5000"
     sandbox_labels: dict = field(default_factory=lambda: dict(SANDBOX_LABELS))
+    # unisd.sandbox's backend in the grade pod (its $UNISD_SANDBOX_BACKEND): "" = auto, which refuses to run
+    # code when bubblewrap/unshare cannot isolate it there; "rlimit" accepts the pod itself as the boundary:
+    # set it only where the grade pods meet the hardened spec (docs/deploy.md, "Isolation").
+    sandbox_backend: str = ""
+    run_as_user: int = 10001  # the grade pod's uid (and gid): the images' unprivileged `unisd` user
     # Data for the prepare pod only (every later pod reads prepare's snapshot): where the built-in
     # benchmarks are (an s3:// gs:// az:// URI, or a path on the data PVC), the data PVC and its mount, and
     # a Secret whose keys become the prepare pod's env (object-storage / Hub credentials, by reference).
@@ -114,6 +120,8 @@ class ClusterSettings:
             cache_mount_path=env.get("UNISD_CACHE_MOUNT_PATH") or default.cache_mount_path,
             mlflow_tracking_uri=env.get("UNISD_MLFLOW_TRACKING_URI") or default.mlflow_tracking_uri,
             sandbox_labels=js("UNISD_SANDBOX_POD_LABELS", default.sandbox_labels),
+            sandbox_backend=_sandbox_backend(env),
+            run_as_user=_positive(env, "UNISD_RUN_AS_USER", default.run_as_user),
             data_source=env.get("UNISD_DATA_SOURCE", "").strip(),
             data_pvc=env.get("UNISD_DATA_PVC", "").strip(),
             data_mount_path=env.get("UNISD_DATA_MOUNT_PATH") or default.data_mount_path,
@@ -171,6 +179,17 @@ def _positive(env, key: str, fallback: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"pipeline settings: {key} must be an integer ≥ 1, got {raw!r}")
     return int(raw)
+
+
+def _sandbox_backend(env) -> str:
+    from unisd.sandbox import BACKENDS
+
+    raw = (env.get("UNISD_SANDBOX_BACKEND") or "").strip()
+    if raw and raw not in ("auto", *BACKENDS):
+        raise ValueError(
+            f"pipeline settings: UNISD_SANDBOX_BACKEND must be one of auto, {', '.join(BACKENDS)}, got {raw!r}"
+        )
+    return raw
 
 
 def _shm_size(gpus: int) -> str:
@@ -264,12 +283,31 @@ def _train(task, settings: ClusterSettings):
     return task
 
 
-def _sandboxed(task, settings: ClusterSettings):
+def _sandbox_label(task, settings: ClusterSettings):
     """Steps that execute model-written code: label the pod so the NetworkPolicy denies egress."""
     from kfp import kubernetes
 
     for key, value in settings.sandbox_labels.items():
         kubernetes.add_pod_label(task, label_key=key, label_value=value)
+    return task
+
+
+def _sandbox_pod(task, settings: ClusterSettings):
+    """The grade step, the one that runs model-written code: the sandbox image (grade_op's base image), the
+    sandbox label (egress denied), non-root, CPU only, no volume, no credentials, a deadline; and the
+    sandbox backend of the cluster settings (rlimit only where these pods are hardened)."""
+    from kfp import kubernetes
+
+    _sandbox_label(task, settings)
+    uid = settings.run_as_user
+    kubernetes.set_security_context(task, run_as_user=uid, run_as_group=uid, run_as_non_root=True)
+    task.set_cpu_request("2").set_cpu_limit("4").set_memory_request("4G").set_memory_limit("8G")
+    if settings.sandbox_backend:
+        from unisd.sandbox import BACKEND_ENV
+
+        task.set_env_variable(BACKEND_ENV, settings.sandbox_backend)
+    kubernetes.set_timeout(task, 2 * 3600)
+    task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
     return task
 
 
@@ -293,9 +331,10 @@ def _data(task, settings: ClusterSettings):
     return task
 
 
-# Where each stage runs on a cluster: "gpu" (accelerator + cache), "cpu", and "sandbox" for the steps that
-# execute model-written code (eval; contexts, which checks code negatives in the sandbox), "data" for the one
-# stage that reads the data sources.
+# Where each stage runs on a cluster: "gpu" (accelerator + cache), "cpu", "sandbox" (the hardened pod of the
+# grade step, the only one that executes model-written code for scores), "sandbox-label" (egress denied:
+# contexts, which checks code negatives in unisd.sandbox inside its GPU pod), "data" for the one stage that
+# reads the data sources.
 PLACEMENT: dict[str, tuple[str, ...]] = {
     "resolve-config": (),
     "start-tracking": ("cpu",),
@@ -303,18 +342,26 @@ PLACEMENT: dict[str, tuple[str, ...]] = {
     "prepare": ("cpu", "data"),
     "data-check": ("cpu",),
     "starting-model": ("cpu",),
-    "contexts": ("gpu", "sandbox"),
+    "contexts": ("gpu", "sandbox-label"),
     "shards": (),
     "rollout": ("gpu",),
     "gather": ("cpu",),
     "score": ("gpu",),
     "train": ("train",),
-    "eval": ("gpu", "sandbox"),
+    "eval": ("gpu",),
+    "grade": ("sandbox",),
     "register": ("cpu",),
     "promote": ("cpu",),
     "report": ("cpu",),
 }
-_PLACERS = {"gpu": _gpu, "cpu": _cpu, "sandbox": _sandboxed, "data": _data, "train": _train}
+_PLACERS = {
+    "gpu": _gpu,
+    "cpu": _cpu,
+    "sandbox": _sandbox_pod,
+    "sandbox-label": _sandbox_label,
+    "data": _data,
+    "train": _train,
+}
 
 
 def place(task, stage: str, title: str, settings: ClusterSettings | None):
@@ -356,7 +403,7 @@ def distillation_round(r: int, *, config, prepared, contexts, shards, num_shards
 
 
 def evaluate_register_report(*, config, prepared, benchmarks, student, scores, run, settings):
-    """Eval per benchmark (base and distilled, ParallelFor) → register (alias challenger) → promote (when the
+    """Eval + grade per benchmark (base and distilled, ParallelFor) → register (alias challenger) → promote (when the
     gate says so) → report."""
     with dsl.ParallelFor(benchmarks, name="eval-benchmarks") as bench:
         base_eval = place(
@@ -365,14 +412,22 @@ def evaluate_register_report(*, config, prepared, benchmarks, student, scores, r
             "Evaluate base model",
             settings,
         )
+        base_grade = grade_op(
+            config=config, prepared=prepared, benchmark=bench, samples=base_eval.outputs["samples"]
+        )
+        place(base_grade, "grade", "Grade base model (sandbox)", settings)
         new_eval = eval_op(config=config, prepared=prepared, benchmark=bench, model=student)
         place(new_eval, "eval", "Evaluate distilled model", settings)
+        new_grade = grade_op(
+            config=config, prepared=prepared, benchmark=bench, samples=new_eval.outputs["samples"]
+        )
+        place(new_grade, "grade", "Grade distilled model (sandbox)", settings)
 
     # A fresh Collected per consumer: KFP 2.17's compiler fails when one Collected object feeds two tasks.
     def evals():
         return {
-            "evals": dsl.Collected(new_eval.outputs["results"]),
-            "base_evals": dsl.Collected(base_eval.outputs["results"]),
+            "evals": dsl.Collected(new_grade.outputs["results"]),
+            "base_evals": dsl.Collected(base_grade.outputs["results"]),
         }
 
     gate = register_op(

@@ -7,7 +7,10 @@
 #       container as the boundary (--network=none); plus a grading trick through run_checked;
 #   (b) two pipeline components inside the train image, exactly as compiled: `unisd compile` writes the
 #       IR, scripts/kfp_task.py turns the resolve-config and prepare tasks into their container command
-#       lines with an executor input, and podman runs them (data and the SmolLM2 cache mounted read-only).
+#       lines with an executor input, and podman runs them (data and the SmolLM2 cache mounted read-only);
+#   (c) the grade component -- the one pipeline step that runs model-written code -- inside the sandbox
+#       image as compiled, like its pod: no volume but the artifacts, no network, non-root, read-only root,
+#       on three hand-written MBPP answers (gold, wrong, hostile: scripts/grade_check_samples.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/podman-env.sh
@@ -44,3 +47,29 @@ for task in resolve-config-op prepare-op; do
   echo "-- $task: exit 0 in $(( $(date +%s) - t0 )) s; executor output: $(cat "$out/$task/executor_output.json" 2>/dev/null || echo none)"
 done
 echo "-- outputs:"; (cd "$out" && find . -type f -not -name '*.log' | sort | xargs wc -c)
+
+echo "== (c) sandbox image: the grade component as compiled, on gold / wrong / hostile MBPP answers"
+samples="$out/eval-op/samples"
+rm -rf "$samples" && mkdir -p "$samples"
+$PY scripts/grade_check_samples.py "$out/prepare-op/prepared" "$samples"
+chmod -R a+rwX "$out"
+mapfile -d '' spec < <($PY scripts/kfp_task.py "$ir" grade-op --root /out --param benchmark='"mbpp"' \
+  --artifact config=/out/resolve-config-op/config --artifact prepared=/out/prepare-op/prepared \
+  --artifact samples=/out/eval-op/samples)
+echo "-- grade-op: compiled for ${spec[0]}, run in $SANDBOX_IMAGE"
+t0=$(date +%s)
+podman run "${pod[@]}" --network=none -v "$out:/out" "$SANDBOX_IMAGE" "${spec[@]:1}" \
+  > "$out/grade-op.log" 2>&1 || { tail -30 "$out/grade-op.log"; exit 1; }
+echo "-- grade-op: exit 0 in $(( $(date +%s) - t0 )) s"
+$PY - "$out" <<'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+results = json.loads((out / "grade-op" / "results" / "results.json").read_text())
+scores = [row["score"] for row in results["per_item"]]
+sandbox = results.get("sandbox") or {}
+print(f"-- grade-op: scores gold/wrong/hostile = {scores}; sandbox: {json.dumps(sandbox)}")
+escaped = sorted(str(p) for p in out.rglob("PWNED*"))
+assert scores == [1.0, 0.0, 0.0], scores
+assert not escaped, f"the hostile answer wrote {escaped}"
+print("-- grade-op: the hostile answer scored 0 and wrote nothing outside its sandbox")
+PYEOF

@@ -1,6 +1,8 @@
 """Turn one task of a compiled KFP pipeline (IR YAML) into the command line its container runs, with
 its executor input filled in: parameters from the pipeline's defaults (or --param NAME=JSON),
-input artifacts from earlier tasks' output URIs under --root, outputs under --root/<task>/.
+input artifacts from earlier tasks' output URIs under --root (or --artifact NAME=URI), outputs under
+--root/<task>/. TASK may sit inside a sub-DAG (ExitHandler, ParallelFor): its loop item and the artifacts the
+sub-DAG hands down are given with --param / --artifact.
 
     python scripts/kfp_task.py PIPELINE.yaml TASK --root /out > argv.bin   (NUL-separated: image, argv...)
 
@@ -16,9 +18,20 @@ import sys
 import yaml
 
 
-def task_argv(ir: dict, task: str, root: str, params: dict) -> tuple[str, list[str]]:
-    tasks = ir["root"]["dag"]["tasks"]
-    spec = tasks[task]
+def find_task(ir: dict, task: str) -> dict:
+    """The task's spec in the root DAG or in any component's sub-DAG."""
+    dags = [ir["root"]["dag"]] + [c["dag"] for c in ir["components"].values() if "dag" in c]
+    for dag in dags:
+        if task in dag.get("tasks", {}):
+            return dag["tasks"][task]
+    raise SystemExit(f"no task {task!r} in the pipeline")
+
+
+def task_argv(
+    ir: dict, task: str, root: str, params: dict, artifacts: dict | None = None
+) -> tuple[str, list[str]]:
+    artifacts = artifacts or {}
+    spec = find_task(ir, task)
     comp = ir["components"][spec["componentRef"]["name"]]
     executor = ir["deploymentSpec"]["executors"][comp["executorLabel"]]["container"]
     defaults = {
@@ -43,8 +56,15 @@ def task_argv(ir: dict, task: str, root: str, params: dict) -> tuple[str, list[s
 
     inputs = {}
     for name, source in spec.get("inputs", {}).get("artifacts", {}).items():
-        producer = source["taskOutputArtifact"]
         kind = comp["inputDefinitions"]["artifacts"][name]["artifactType"]
+        if name in artifacts:
+            inputs[name] = artifact(name, kind, artifacts[name])
+            continue
+        producer = source.get("taskOutputArtifact")
+        if producer is None:
+            raise SystemExit(
+                f"{task}: artifact {name} comes from the enclosing DAG; pass --artifact {name}=URI"
+            )
         inputs[name] = artifact(
             name, kind, f"{root}/{producer['producerTask']}/{producer['outputArtifactKey']}"
         )
@@ -69,11 +89,13 @@ def main() -> None:
     parser.add_argument("task")
     parser.add_argument("--root", default="/out")
     parser.add_argument("--param", action="append", default=[], help="NAME=JSON")
+    parser.add_argument("--artifact", action="append", default=[], help="NAME=URI of an input artifact")
     args = parser.parse_args()
     params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
+    artifacts = dict(a.split("=", 1) for a in args.artifact)
     with open(args.pipeline) as fh:
         ir = yaml.safe_load(fh)
-    image, argv = task_argv(ir, args.task, args.root, params)
+    image, argv = task_argv(ir, args.task, args.root, params, artifacts)
     sys.stdout.write("\0".join([image, *argv]) + "\0")
 
 

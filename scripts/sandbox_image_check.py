@@ -1,5 +1,5 @@
 """Run inside the sandbox image by scripts/check_images.sh: a hostile program under unisd.sandbox (what
-the eval step does), then a grading trick through run_checked. Prints one JSON line per check."""
+the grade step does), then a grading trick through run_checked. Prints one JSON line per check."""
 
 import json
 import os

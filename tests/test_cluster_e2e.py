@@ -8,7 +8,8 @@ How (what plays the part of what):
                    its executor-input JSON + placeholder resolution; every executor's command/args are the
                    IR's own (`sh -ec … python3 -m kfp.dsl.executor_main …`)
   the pod          PodTaskHandler below: a fresh process, cwd an empty folder, TMPDIR/HOME private; its env is
-                   ONLY the train image's ENV (parsed from docker/train.Dockerfile), the IR container env,
+                   ONLY its image's ENV (parsed from docker/train.Dockerfile, docker/sandbox.Dockerfile for
+                   the grade pods), the IR container env,
                    and the IR's kubernetes platform spec (secretAsEnv from the test's "Secrets"; pvcMount →
                    a local folder per claim, paths under the mount rewritten to it; fieldPathAsEnv from the
                    pod's labels, i.e. the run's Argo workflow name); nothing of this process
@@ -19,9 +20,9 @@ How (what plays the part of what):
   tracking         a real `mlflow server` on 127.0.0.1 over HTTP (artifacts proxied by the server)
 
 What differs from a pod (not covered): no container image or KFP launcher (artifacts are local folders the
-next task reads in place, not copies downloaded from the object store), the python is this venv (the train
-image's ENV applies to every pod, rollout/score included), no retries/timeouts/GPU/node selectors/tolerations,
-pod labels not enforced (no NetworkPolicy), the PVC is a folder by path rewrite (not a mount at /cache), and
+next task reads in place, not copies downloaded from the object store), the python and its packages are this
+venv's (each pod gets its own image's ENV), no retries/timeouts/GPU/node selectors/tolerations/security
+contexts, pod labels not enforced (no NetworkPolicy), the PVC is a folder by path rewrite (not a mount at /cache), and
 two knobs of this machine: HF_HUB_OFFLINE=1 (no Hub here) and OMP_NUM_THREADS=1 (shared 2-core machine).
 Nothing is killed or retried here (tests/test_pvc_resume.py does that); this test checks where progress goes.
 """
@@ -41,6 +42,8 @@ import pytest
 import yaml
 from mlflow_server import MlflowServer
 from s3_server import S3Server, clear_fsspec_cache
+
+from unisd.images import image
 
 REPO = Path(__file__).resolve().parents[1]
 # kfp.local says that resources/accelerators/display names have no effect locally: known, listed above
@@ -90,7 +93,7 @@ class PodTaskHandler:
     launched: list[dict] = []
 
     def __init__(self, image, full_command, pipeline_root, runner, env_vars=None) -> None:
-        self.full_command, self.env_vars = list(full_command), dict(env_vars or {})
+        self.image, self.full_command, self.env_vars = image, list(full_command), dict(env_vars or {})
 
     def pod_env(self, fn: str, scratch: Path) -> dict[str, str]:
         spec = self.platform.get(fn, {})
@@ -109,7 +112,8 @@ class PodTaskHandler:
         def local(value: str) -> str:
             return pattern.sub(lambda m: m.group(1) + paths[m.group(2)], value)
 
-        env = {k: local(v) for k, v in dockerfile_env(REPO / "docker" / "train.Dockerfile").items()}
+        dockerfile = "sandbox" if self.image == image("sandbox") else "train"  # grade_op: the sandbox image
+        env = {k: local(v) for k, v in dockerfile_env(REPO / "docker" / f"{dockerfile}.Dockerfile").items()}
         # the image installs the package editable from /opt/unisd/src; this venv's install points elsewhere
         env["PYTHONPATH"] = local(f"{IMAGE_CODE}/src:") + env["PYTHONPATH"]
         env |= {k: local(v) for k, v in self.env_vars.items()}  # the IR container env
@@ -139,7 +143,9 @@ class PodTaskHandler:
             code = subprocess.run(
                 self.full_command, env=env, cwd=scratch / "cwd", stdout=out, stderr=subprocess.STDOUT
             ).returncode
-        self.launched.append({"function": fn, "env": env, "cwd": str(scratch / "cwd"), "rc": code})
+        self.launched.append(
+            {"function": fn, "image": self.image, "env": env, "cwd": str(scratch / "cwd"), "rc": code}
+        )
         if code != 0:
             print(f"--- {fn} failed ({code}) ---\n{log.read_text(errors='replace')[-6000:]}")
         return status.Status.SUCCESS if code == 0 else status.Status.FAILURE
@@ -246,6 +252,15 @@ def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeyp
                 assert data_env["AWS_ENDPOINT_URL"] == s3.endpoint and data_env["AWS_ACCESS_KEY_ID"] == "test"
             else:
                 assert not data_env, pod["function"]
+
+        # model-written code ran only in the grade pods, one per benchmark and model, in the sandbox image's env
+        grades = [p for p in launched if p["function"] == "grade_op"]
+        assert len(grades) == 4 and {p["image"] for p in grades} == {image("sandbox")}
+        assert {p["image"] for p in launched if p["function"] != "grade_op"} == {
+            image("train"),
+            image("rollout"),
+        }
+        assert all(p["env"]["PYTHONPATH"].endswith(PodTaskHandler.rewrite[IMAGE_CODE]) for p in grades)
 
         # prepare read the built-ins from the bucket (there is no other copy in the pods' reach)
         (sources_file,) = (tmp_path / "root").glob("**/prepared/snapshot/sources.json")

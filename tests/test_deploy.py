@@ -652,6 +652,10 @@ def test_settings_are_consistent(all_targets):
         data = one(docs, "ConfigMap", "pipeline-settings")["data"]
         for key in ("UNISD_GPU_NODE_SELECTOR", "UNISD_GPU_TOLERATIONS", "UNISD_SANDBOX_POD_LABELS"):
             json.loads(data[key])  # must be JSON
+        from pipelines.unisd_pipeline import ClusterSettings
+
+        settings = ClusterSettings.from_env(data)  # every key parses (a bad backend name is refused)
+        assert settings.sandbox_backend == "" and settings.run_as_user == RUN_AS_USER, name
         assert data["UNISD_IMAGE_TAG"] == VERSION, name
         assert data["UNISD_RUN_AS_USER"] == str(RUN_AS_USER)
         names = {(d["kind"], d["metadata"]["name"]) for d in docs}

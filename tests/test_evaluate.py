@@ -62,7 +62,7 @@ def test_pass_at_k_samples_are_independent_draws(tmp_path):
     # The two sampled rounds use different seeds: identical draws would make pass@3 a copy of pass@1.
     assert any(r["samples"][1] != r["samples"][2] for r in rows)
     assert results["aggregate"]["items"] == 3
-    assert not (tmp_path / "ev" / "progress").exists()  # folded into completions.jsonl
+    assert not (tmp_path / "ev" / "samples" / "progress").exists()  # folded into samples.jsonl
 
 
 def test_cli_evaluates_several_benchmarks_into_one_table(tmp_path):
@@ -92,3 +92,58 @@ def test_cli_evaluates_several_benchmarks_into_one_table(tmp_path):
         assert json.loads((out / benchmark / "results.json").read_text())["aggregate"]["items"] == 2
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["gpqa", "toolalpaca"]
+
+
+def test_grade_stage_scores_answers_without_a_model_and_refuses_samples_of_other_items(
+    tmp_path, capsys, monkeypatch
+):
+    """`unisd grade`: the eval stage's samples in, task scores out (MBPP: run in the sandbox), no model
+    loaded — so a cluster runs it in the sandbox pod. The gold program passes, a wrong one fails."""
+    from unisd import tasks
+    from unisd.artifacts import read_jsonl, write_json, write_jsonl
+    from unisd.cli import main
+    from unisd.evaluate import load_eval_records
+    from unisd.prepare import PrepareConfig, run_prepare
+
+    prepared = tmp_path / "prepared"
+    run_prepare(
+        PrepareConfig(benchmarks=["mbpp"], train_limit=1, eval_limit=2),
+        model_spec="tiny:llama",
+        out_dir=prepared,
+    )
+    records = load_eval_records(prepared / "eval" / "mbpp.jsonl", None)
+    samples = tmp_path / "samples"
+    gold, wrong = tasks.of(records[0]).gold_completion(records[0]), "```python\ndef nothing():\n    pass\n```"
+    write_jsonl(
+        samples / "samples.jsonl",
+        [{"id": records[0].id, "samples": [gold]}, {"id": records[1].id, "samples": [wrong]}],
+    )
+    write_json(
+        samples / "measures.json", {"benchmark": "mbpp", "model": "someone's model", "role": "adapted"}
+    )
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the grade stage loaded a model")
+
+    monkeypatch.setattr("unisd.models.load_model", no_model)
+    monkeypatch.setattr("unisd.models.load_tokenizer", no_model)
+    argv = [
+        "grade",
+        "--model",
+        "tiny:llama",
+        "--prepared",
+        str(prepared),
+        "--benchmark",
+        "mbpp",
+        "--samples",
+        str(samples),
+    ]
+    assert main([*argv, "--out", str(tmp_path / "graded"), "eval.bootstrap_samples=100"]) == 0
+    results = json.loads((tmp_path / "graded" / "results.json").read_text())
+    assert [row["score"] for row in results["per_item"]] == [1.0, 0.0]
+    assert results["aggregate"]["role"] == "adapted" and results["aggregate"]["model"] == "someone's model"
+    assert len(read_jsonl(tmp_path / "graded" / "completions.jsonl")) == 2
+
+    write_jsonl(samples / "samples.jsonl", [{"id": records[0].id, "samples": [gold]}])
+    assert main([*argv, "--out", str(tmp_path / "graded-2")]) != 0
+    assert f"no samples for item(s) ['{records[1].id}']" in capsys.readouterr().err

@@ -191,7 +191,8 @@ def test_eval_retried_in_a_fresh_output_folder_reuses_the_generations_on_the_pvc
     tmp_path, monkeypatch, tiny_llama
 ):
     from unisd import evaluate, rollout
-    from unisd.evaluate import EvalConfig, run_eval
+    from unisd.artifacts import read_jsonl
+    from unisd.evaluate import EvalConfig, generate_samples
     from unisd.prepare import PrepareConfig, run_prepare
 
     model, tokenizer = tiny_llama
@@ -201,26 +202,27 @@ def test_eval_retried_in_a_fresh_output_folder_reuses_the_generations_on_the_pvc
         model_spec="tiny:llama",
         out_dir=prepared,
     )
-    cfg = EvalConfig(limit=4, max_new_tokens=6, batch_size=2, retention=False, reference_fit=False)
+    cfg = EvalConfig(limit=4, max_new_tokens=6, batch_size=2, retention=False, reference_fit=True)
     pvc = tmp_path / "pvc/progress/run-d/eval-op"
     monkeypatch.setenv(PROGRESS_DIR_ENV, str(pvc))
     kw = dict(model_spec="tiny:llama", benchmark="commonsenseqa", prepared_dir=prepared, model=model)
 
-    def killed(*args, **kwargs):  # the pod dies after generating, before scoring
+    def killed(*args, **kwargs):  # the pod dies after generating, before its measures are written
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(evaluate, "score_items", killed)
+        m.setattr(evaluate, "reference_fit", killed)
         with pytest.raises(KeyboardInterrupt):
-            run_eval(cfg, out_dir=tmp_path / "attempt-1", tokenizer=tokenizer, **kw)
+            generate_samples(cfg, out_dir=tmp_path / "attempt-1", tokenizer=tokenizer, **kw)
     assert not (tmp_path / "attempt-1" / "progress").exists()
+    assert not (tmp_path / "attempt-1" / "manifest.json").exists()
     (greedy,) = pvc.glob("eval-*/progress/greedy.jsonl")  # the progress lives on the PVC
     assert len(greedy.read_text().splitlines()) == 4
 
     calls = []
     real = rollout.generate
     monkeypatch.setattr(rollout, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    results = run_eval(cfg, out_dir=tmp_path / "attempt-2", tokenizer=tokenizer, **kw)
+    measures = generate_samples(cfg, out_dir=tmp_path / "attempt-2", tokenizer=tokenizer, **kw)
     assert calls == []  # every batch came from the PVC, none was generated again
-    assert results["aggregate"]["items"] == 4
+    assert len(read_jsonl(tmp_path / "attempt-2" / "samples.jsonl")) == 4 and "reference_nll" in measures
     assert not (tmp_path / "attempt-2" / "progress").exists() and not greedy.exists()

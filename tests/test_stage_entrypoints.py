@@ -113,9 +113,16 @@ def _by_components(config: Path, out: Path, resolved: Path) -> None:
         config=cfg,
         prepared=art(dsl.Dataset, "prepared"),
         benchmark="commonsenseqa",
+        samples=art(dsl.Dataset, "eval/samples"),
+        model=art(dsl.Model, "train"),
+    )
+    stages.grade_op.python_func(
+        config=cfg,
+        prepared=art(dsl.Dataset, "prepared"),
+        benchmark="commonsenseqa",
+        samples=art(dsl.Dataset, "eval/samples"),
         results=art(dsl.Dataset, "eval"),
         metrics=dsl.Metrics(uri=str(out / "eval-metrics")),
-        model=art(dsl.Model, "train"),
     )
 
 
@@ -130,6 +137,7 @@ PAYLOADS = [
     "train/adapter/adapter_model.safetensors",
     "train/ema_teacher.safetensors",
     "train/merged/model.safetensors",
+    "eval/samples/samples.jsonl",
     "eval/completions.jsonl",
 ]
 
@@ -166,14 +174,14 @@ def test_every_stage_skips_an_unchanged_rerun_and_reruns_a_changed_one(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
     _by_cli(config, out)
-    stage_dirs = ["prepared", "contexts", "rollout", "scores", "train", "eval"]
+    stage_dirs = ["prepared", "contexts", "rollout", "scores", "train", "eval/samples", "eval"]
     manifests = {d: (out / d / "manifest.json").read_text() for d in stage_dirs}
     _by_cli(config, out)  # unchanged: every stage returns its finished manifest, untouched
     assert {d: (out / d / "manifest.json").read_text() for d in stage_dirs} == manifests
     changed = tmp_path / "changed.yaml"
     cfg = yaml.safe_load(config.read_text())
-    cfg["train"]["lr"] = 5e-4  # train and eval depend on it; prepare/contexts/rollout/scores do not
+    cfg["train"]["lr"] = 5e-4  # train, eval and grade depend on it; prepare/contexts/rollout/scores do not
     changed.write_text(yaml.safe_dump(cfg))
     _by_cli(changed, out)
     after = {d: (out / d / "manifest.json").read_text() for d in stage_dirs}
-    assert [d for d in stage_dirs if after[d] != manifests[d]] == ["train", "eval"]
+    assert [d for d in stage_dirs if after[d] != manifests[d]] == ["train", "eval/samples", "eval"]

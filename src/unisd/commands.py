@@ -1,4 +1,4 @@
-"""Stage subcommands: `unisd prepare|contexts|rollout|score|train|eval`, each one library call.
+"""Stage subcommands: `unisd prepare|contexts|rollout|score|train|eval|grade`, each one library call.
 
 Every stage takes `--config <run config YAML>` (default configs/demo.yaml) plus `key.sub=value` overrides,
 and directories for its inputs and output — the same directories KFP passes as artifact paths.
@@ -156,7 +156,12 @@ def _eval_args(p):
     )
 
 
-@command("eval", "benchmark evaluation (sandboxed execution, MCQ, tool calls, retention, fit)", _eval_args)
+@command(
+    "eval",
+    "benchmark evaluation: the eval stage (answers, retention, fit) then the grade stage (sandboxed "
+    "execution, MCQ, tool calls), in this process; OUT/samples/ holds the eval stage's answers",
+    _eval_args,
+)
 def cmd_eval(args):
     from unisd import pipeline_steps
     from unisd.evaluate import results_table
@@ -168,16 +173,38 @@ def cmd_eval(args):
         benchmarks = [b.strip() for b in args.benchmark.split(",") if b.strip()]
     if not benchmarks:
         raise ValueError(f"--benchmark {args.benchmark!r}: no benchmarks (is {args.prepared}/eval empty?)")
-    aggregates = [
-        pipeline_steps.evaluate(
-            cfg, args.prepared, b, args.out if len(benchmarks) == 1 else str(Path(args.out) / b), args.student
-        )
-        for b in benchmarks
-    ]
+    aggregates = []
+    for b in benchmarks:
+        out = Path(args.out) if len(benchmarks) == 1 else Path(args.out) / b
+        pipeline_steps.evaluate(cfg, args.prepared, b, str(out / "samples"), args.student)
+        aggregates.append(pipeline_steps.grade(cfg, args.prepared, b, str(out / "samples"), str(out)))
     table = results_table(aggregates)
     if len(benchmarks) > 1:
         write_text(Path(args.out) / "table.md", table)
     print(table)
+    return 0
+
+
+def _grade_args(p):
+    _stage_args("prepared", "samples")(p)
+    p.add_argument("--benchmark", required=True, help="the benchmark the eval stage answered")
+
+
+@command(
+    "grade",
+    "the grade stage alone: task scores of an eval stage's answers (--samples: its output folder)",
+    _grade_args,
+)
+def cmd_grade(args):
+    from unisd import pipeline_steps
+    from unisd.evaluate import results_table
+
+    if not args.samples:
+        raise ValueError(
+            "--samples: the eval stage's output folder (samples.jsonl, measures.json) is required"
+        )
+    aggregate = pipeline_steps.grade(_load(args), args.prepared, args.benchmark, args.samples, args.out)
+    print(results_table([aggregate]))
     return 0
 
 

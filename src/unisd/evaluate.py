@@ -9,8 +9,11 @@ Per benchmark (held-out split written by `prepare`):
   direction (log p_ft on the base model's completions);
 - reference fit: NLL / perplexity of the gold completion under teacher forcing.
 
-Results: `results.json` (aggregates with 95% bootstrap CIs + per-item scores for paired comparisons),
-`completions.jsonl`, `table.md`.
+Two stages, so that only one of them runs model-written code: `eval` (generate_samples: the model answers,
+reference fit and retention; samples.jsonl + measures.json) and `grade` (grade_samples: the task scores;
+`results.json` with aggregates, 95% bootstrap CIs and per-item scores for paired comparisons,
+`completions.jsonl`, `table.md`). `run_eval` runs both in one process (CLI, experiments); the pipeline runs
+them in two pods, the grade pod in the sandbox image with no shared volume.
 """
 
 from __future__ import annotations
@@ -221,7 +224,15 @@ def score_items(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the stage
+# the stages: eval (the model answers and is measured; no model-written code runs) → grade (the answers are
+# scored by the task kind; code answers run in the sandbox). A cluster runs them in separate pods, so only the
+# grade pod — sandbox image, no shared volume, no credentials, egress denied — executes model-written code.
+
+SAMPLES_FILE, MEASURES_FILE = "samples.jsonl", "measures.json"
+
+
+def eval_source(prepared_dir: str | Path, benchmark: str) -> Path:
+    return Path(prepared_dir) / "eval" / f"{benchmark}.jsonl"
 
 
 def load_eval_records(source: Path, limit: int | None) -> list[Record]:
@@ -307,26 +318,58 @@ def run_eval(
     tokenizer=None,
     base_model=None,
 ) -> dict[str, Any]:
-    """Evaluate `model_spec` on `prepared_dir/eval/<benchmark>.jsonl`: generate → score (task kind) → reference
-    fit → retention (against `base_spec`); write results.json, completions.jsonl, table.md."""
+    """Both stages in this process: eval into `out_dir/samples/`, then grade into `out_dir` (results.json,
+    completions.jsonl, table.md). The CLI and experiments use this; the pipeline runs the two in two pods."""
+    samples_dir = Path(out_dir) / "samples"
+    generate_samples(
+        cfg,
+        model_spec=model_spec,
+        benchmark=benchmark,
+        prepared_dir=prepared_dir,
+        out_dir=samples_dir,
+        base_spec=base_spec,
+        model=model,
+        tokenizer=tokenizer,
+        base_model=base_model,
+    )
+    return grade_samples(
+        cfg, benchmark=benchmark, prepared_dir=prepared_dir, samples_dir=samples_dir, out_dir=out_dir
+    )
+
+
+def generate_samples(
+    cfg: EvalConfig,
+    *,
+    model_spec: str,
+    benchmark: str,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    base_spec: str | None = None,
+    model=None,
+    tokenizer=None,
+    base_model=None,
+) -> dict[str, Any]:
+    """Eval stage: `model_spec` answers `prepared_dir/eval/<benchmark>.jsonl` (greedy + n − 1 samples), and
+    is measured by reference fit and retention (against `base_spec`). Runs no model-written code.
+
+    Writes samples.jsonl ({id, samples, finished}) and measures.json (model, benchmark, fit, retention, eval_s);
+    returns the measures."""
     from unisd.artifacts import begin_stage, model_fingerprint, read_json
-    from unisd.metrics import bootstrap_ci
     from unisd.models import load_model, load_tokenizer
 
     out_dir = Path(out_dir)
-    source = Path(prepared_dir) / "eval" / f"{benchmark}.jsonl"
-    base = model_fingerprint(base_spec) if base_spec else None
+    source = eval_source(prepared_dir, benchmark)
     config = {
         **cfg.model_dump(),
         "model": model_spec,
         "base": base_spec,
-        "base_fingerprint": base,
+        "base_fingerprint": model_fingerprint(base_spec) if base_spec else None,
         "benchmark": benchmark,
     }
     stage = begin_stage("eval", out_dir, config=config, inputs=[source], model=model_spec)
-    if stage.done and (out_dir / "results.json").exists():
+    if stage.done and (out_dir / MEASURES_FILE).exists():
         log.info("eval %s: %s is complete for these inputs", benchmark, out_dir)
-        return read_json(out_dir / "results.json")
+        return read_json(out_dir / MEASURES_FILE)
     timer = stage.timer
     records = load_eval_records(source, cfg.limit)
     with timer("load"):
@@ -337,27 +380,60 @@ def run_eval(
     progress = progress_dir(out_dir, f"eval-{stage.inputs_hash[:16]}") / "progress"
     with timer("generate"):
         generated, samples = sample_answers(model, tokenizer, prompts, cfg, progress=progress, key=model_spec)
-    with timer("score"):
-        scored = score_items(records, samples, cfg)
-    per_item = scored["per_item"]  # [{id, score, ...}], score ∈ [0, 1] (primary metric)
-    primary = [row["score"] for row in per_item]
-    aggregate: dict[str, Any] = {
+    measures = {
         "benchmark": benchmark,
         "model": model_spec,
-        "items": len(records),
-        "metric": scored["metric"],
-        "score": _mean(primary),
-        "score_ci95": _ci(bootstrap_ci(primary, n_resamples=cfg.bootstrap_samples, seed=cfg.seed)),
-        **scored.get("aggregate", {}),
+        **measure_answers(
+            model,
+            tokenizer,
+            records,
+            prompts,
+            generated,
+            cfg,
+            timer=timer,
+            progress=progress,
+            model_spec=model_spec,
+            base_spec=base_spec,
+            base_model=base_model,
+        ),
     }
+    measures["eval_s"] = round(sum(timer.timings.values()), 1)  # this process's wall time (load → retention)
+    rows = [
+        {"id": r.id, "samples": s, "finished": done} for r, s, (_, done) in zip(records, samples, generated)
+    ]
+    write_jsonl(out_dir / SAMPLES_FILE, rows)
+    write_json(out_dir / MEASURES_FILE, measures)
+    stage.finish(counts={"items": len(records)})
+    shutil.rmtree(progress, ignore_errors=True)  # everything it held is in samples.jsonl now
+    return measures
+
+
+def measure_answers(
+    model,
+    tokenizer,
+    records,
+    prompts,
+    generated,
+    cfg: EvalConfig,
+    *,
+    timer,
+    progress: Path,
+    model_spec: str,
+    base_spec,
+    base_model,
+) -> dict[str, Any]:
+    """Reference fit (the gold completions' NLL) and retention against `base_spec` (of the greedy answers)."""
+    from unisd.models import load_model
+
+    out: dict[str, Any] = {}
     if cfg.reference_fit:
         with timer("fit"):
-            aggregate.update(reference_fit(model, tokenizer, records, prompts))
+            out.update(reference_fit(model, tokenizer, records, prompts))
     if cfg.retention and base_spec and base_spec != model_spec:
         with timer("retention"):
             base_model = (base_model or load_model(base_spec)).eval()
             greedy_ids = [ids or [tokenizer.eos_token_id] for ids, _ in generated]
-            aggregate.update(
+            out.update(
                 retention(
                     model,
                     base_model,
@@ -369,7 +445,53 @@ def run_eval(
                     base_key=base_spec,
                 )
             )
-    aggregate["eval_s"] = round(sum(timer.timings.values()), 1)  # this process's wall time (load → fit)
+    return out
+
+
+def grade_samples(
+    cfg: EvalConfig,
+    *,
+    benchmark: str,
+    prepared_dir: str | Path,
+    samples_dir: str | Path,
+    out_dir: str | Path,
+) -> dict[str, Any]:
+    """Grade stage: score the eval stage's samples by the task kind (code: pass@1 by sandboxed execution),
+    with a bootstrap CI, next to its measures. Loads no model.
+
+    Writes results.json ({aggregate, per_item, sandbox}), completions.jsonl, table.md; returns the results."""
+    from unisd.artifacts import begin_stage, read_json
+    from unisd.metrics import bootstrap_ci
+
+    out_dir, samples_dir = Path(out_dir), Path(samples_dir)
+    source = eval_source(prepared_dir, benchmark)
+    samples_file, measures_file = samples_dir / SAMPLES_FILE, samples_dir / MEASURES_FILE
+    stage = begin_stage(
+        "grade",
+        out_dir,
+        config={**cfg.model_dump(), "benchmark": benchmark},
+        inputs=[source, samples_file, measures_file],
+    )
+    if stage.done and (out_dir / "results.json").exists():
+        log.info("grade %s: %s is complete for these inputs", benchmark, out_dir)
+        return read_json(out_dir / "results.json")
+    records = load_eval_records(source, cfg.limit)
+    samples = _samples_of(records, samples_file)
+    measures = read_json(measures_file)
+    with stage.timer("score"):
+        scored = score_items(records, samples, cfg)
+    per_item = scored["per_item"]  # [{id, score, ...}], score ∈ [0, 1] (primary metric)
+    primary = [row["score"] for row in per_item]
+    aggregate: dict[str, Any] = {
+        "benchmark": benchmark,
+        "model": measures["model"],
+        "items": len(records),
+        "metric": scored["metric"],
+        "score": _mean(primary),
+        "score_ci95": _ci(bootstrap_ci(primary, n_resamples=cfg.bootstrap_samples, seed=cfg.seed)),
+        **scored.get("aggregate", {}),
+        **{k: v for k, v in measures.items() if k not in ("benchmark", "model")},
+    }
     rows = [
         {"id": r.id, "samples": s, **{k: v for k, v in row.items() if k != "id"}}
         for r, s, row in zip(records, samples, per_item)
@@ -379,8 +501,18 @@ def run_eval(
     write_json(out_dir / "results.json", results)
     write_text(out_dir / "table.md", results_table([aggregate]))
     stage.finish(counts={"items": len(records)})
-    shutil.rmtree(progress, ignore_errors=True)  # everything it held is in completions.jsonl now
     return results
+
+
+def _samples_of(records: Sequence[Record], samples_file: Path) -> list[list[str]]:
+    """The samples of each record, in the records' order; refuses a file that answers other items."""
+    by_id = {row["id"]: row["samples"] for row in read_jsonl(samples_file)}
+    missing = [r.id for r in records if r.id not in by_id]
+    if missing:
+        raise ValueError(
+            f"{samples_file}: no samples for item(s) {missing[:5]} (made for another eval split?)"
+        )
+    return [by_id[r.id] for r in records]
 
 
 def _fmt(v: Any) -> str:

@@ -7,7 +7,8 @@ a round run by hand computes exactly what the pipeline computes.
     score(cfg, prepared_dir, contexts_dir, rollouts, out_dir, shard, num_shards, student)
                                                                        K-view log-probs (skipped if unused)
     train(cfg, prepared_dir, contexts_dir, rollouts, scores, out_dir, run_id, round_index, previous)
-    evaluate(cfg, prepared_dir, benchmark, out_dir, student)           base model, or the trained student
+    evaluate(cfg, prepared_dir, benchmark, out_dir, student)           base model or student answers + is measured
+    grade(cfg, prepared_dir, benchmark, samples_dir, out_dir)          the answers' task scores (runs model code)
     register_and_gate / promote / report                               MLflow registry, gate, run report
 
 `cfg` is the resolved `RunConfig` (components parse the config artifact once; the CLI loads the YAML plus
@@ -290,24 +291,46 @@ def log_train_metrics(cfg: RunConfig, run_id: str, out_dir: str | Path, round_in
 def evaluate(
     cfg: RunConfig, prepared_dir: str, benchmark: str, out_dir: str, student: str | None = None
 ) -> dict:
-    """Evaluate the base model (student None) or the trained student, with retention against the base.
+    """Eval stage: the base model (student None) or the trained student answers one benchmark's held-out
+    items and is measured (reference fit; retention against the base). Runs no model-written code: `grade`
+    scores the answers. Returns the measures, with the model's role ("base" / "adapted")."""
+    from unisd.evaluate import MEASURES_FILE, generate_samples
 
-    No MLflow calls here: eval pods run model-written code and have no network egress; the register step
-    logs the eval results."""
-    from unisd.data.sources import dataset_name, is_source
-    from unisd.evaluate import run_eval
-
-    results = run_eval(
+    measures = generate_samples(
         cfg.eval,
         model_spec=student_spec(cfg, student),
-        benchmark=dataset_name(benchmark) if is_source(benchmark) else benchmark,  # a bare URI: its name
+        benchmark=_benchmark_name(benchmark),
         prepared_dir=prepared_dir,
         out_dir=out_dir,
         base_spec=cfg.model if student else None,
     )
-    results["aggregate"]["role"] = "adapted" if student else "base"
-    write_json(Path(out_dir) / "results.json", results)
+    measures["role"] = "adapted" if student else "base"
+    write_json(Path(out_dir) / MEASURES_FILE, measures)
+    return measures
+
+
+def grade(cfg: RunConfig, prepared_dir: str, benchmark: str, samples_dir: str, out_dir: str) -> dict:
+    """Grade stage: the task scores of an eval stage's answers (code: sandboxed execution) next to its
+    measures. Loads no model and makes no MLflow calls: on a cluster it is the one pod that executes
+    model-written code (sandbox image, egress denied, no shared volume, no credentials); the register step
+    logs the results. Returns the aggregate."""
+    from unisd.evaluate import grade_samples
+
+    results = grade_samples(
+        cfg.eval,
+        benchmark=_benchmark_name(benchmark),
+        prepared_dir=prepared_dir,
+        samples_dir=samples_dir,
+        out_dir=out_dir,
+    )
     return results["aggregate"]
+
+
+def _benchmark_name(benchmark: str) -> str:
+    """A pipeline's benchmark entry as the eval file's name: a bare data-source URI by its dataset name."""
+    from unisd.data.sources import dataset_name, is_source
+
+    return dataset_name(benchmark) if is_source(benchmark) else benchmark
 
 
 def git_sha() -> str:
