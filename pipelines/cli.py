@@ -347,19 +347,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     rounds = state["rounds"]
     resource_name = f"{PIPELINE_NAME}-{state['run_name']}"
     tasks_dir = run_dir / resource_name
-    attempt = {
-        "n": len(state["attempts"]) + 1,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "pid": os.getpid(),
-    }
-    state["attempts"].append(attempt | {"status": "running"})
-    write_json(run_dir / RUN_STATE, state)
-    (run_dir / "driver.pid").write_text(f"{os.getpid()}\n")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # kfp.local runs ParallelFor iterations at the same time (rollout/scoring shards, the evals): with
-    # torch's default of one thread per core each, they oversubscribe the cores and spin against each
-    # other. One thread per component process keeps a small machine busy without thrashing.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    attempt = _start_attempt(run_dir, state)
+    _set_component_env()
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(run_dir),
@@ -369,15 +358,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     pipeline = build_pipeline(rounds=rounds, cluster=False, config_path=run_dir / "config.yaml")
     total = expected_tasks(rounds=rounds, shards=cfg.pipeline.shards, benchmarks=len(cfg.prepare.benchmarks))
-    verb = f"resuming (attempt {attempt['n']})" if args.resume else "run"
-    print(
-        f"unisd {verb}: {cfg.model}, preset {cfg.preset}, {rounds} round(s), {cfg.pipeline.shards} shard(s)\n"
-        f"  run folder: {run_dir}\n  log: {log_path}"
-    )
-    if reopened and reopened["was"] != "RUNNING":
-        print(f"  MLflow run {reopened['run_id']} was {reopened['was']}: reopened (RUNNING) to finish it")
-    with open(log_path, "a") as log:
-        log.write(f"\n===== attempt {attempt['n']} ({attempt['started']}, pid {os.getpid()}) =====\n")
+    _announce_attempt(cfg, run_dir, log_path, attempt, reopened, rounds=rounds, resume=bool(args.resume))
     started = time.perf_counter()
     outcome, code = "succeeded", 0
     try:
@@ -390,28 +371,75 @@ def cmd_run(args: argparse.Namespace) -> int:
             pipeline(**state["arguments"])
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (RunStopped)
         outcome, code = "killed", 130
-        _stop_components()
-        _end_mlflow_run(run_dir, state, "KILLED")
-        print(
-            f"\nunisd run: stopped. Finished stages are kept; continue with:\n  unisd run --resume {run_dir}",
-            file=sys.stderr,
-        )
+        _stop_killed_run(run_dir, state)
     except Exception as err:
         if not str(err).startswith("Pipeline"):
             raise
         outcome, code = "failed", _report_pipeline_failure(err, log_path, run_dir)
     finally:
         elapsed = time.perf_counter() - started
-        state["attempts"][-1] = attempt | {
-            "status": outcome,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "elapsed_s": round(elapsed, 1),
-        }
-        write_json(run_dir / RUN_STATE, state)
-        (run_dir / "driver.pid").unlink(missing_ok=True)
+        _finish_attempt(run_dir, state, attempt, outcome, elapsed)
     if outcome == "succeeded":
         _print_finished_run(run_dir, state, tasks_dir, elapsed)
     return code
+
+
+def _start_attempt(run_dir: Path, state: dict) -> dict:
+    """Record a new attempt as running (the run state, driver.pid); returns the attempt."""
+    attempt = {
+        "n": len(state["attempts"]) + 1,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "pid": os.getpid(),
+    }
+    state["attempts"].append(attempt | {"status": "running"})
+    write_json(run_dir / RUN_STATE, state)
+    (run_dir / "driver.pid").write_text(f"{os.getpid()}\n")
+    return attempt
+
+
+def _set_component_env() -> None:
+    """Default the environment the component processes inherit (unless the user set it)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # kfp.local runs ParallelFor iterations at the same time (rollout/scoring shards, the evals): with
+    # torch's default of one thread per core each, they oversubscribe the cores and spin against each
+    # other. One thread per component process keeps a small machine busy without thrashing.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _announce_attempt(
+    cfg, run_dir: Path, log_path: Path, attempt: dict, reopened: dict | None, *, rounds: int, resume: bool
+) -> None:
+    """Print what runs and where (and a reopened MLflow run); mark the attempt's start in the run log."""
+    verb = f"resuming (attempt {attempt['n']})" if resume else "run"
+    print(
+        f"unisd {verb}: {cfg.model}, preset {cfg.preset}, {rounds} round(s), {cfg.pipeline.shards} shard(s)\n"
+        f"  run folder: {run_dir}\n  log: {log_path}"
+    )
+    if reopened and reopened["was"] != "RUNNING":
+        print(f"  MLflow run {reopened['run_id']} was {reopened['was']}: reopened (RUNNING) to finish it")
+    with open(log_path, "a") as log:
+        log.write(f"\n===== attempt {attempt['n']} ({attempt['started']}, pid {os.getpid()}) =====\n")
+
+
+def _stop_killed_run(run_dir: Path, state: dict) -> None:
+    """Stop the components, end the MLflow run KILLED, and say how to resume."""
+    _stop_components()
+    _end_mlflow_run(run_dir, state, "KILLED")
+    print(
+        f"\nunisd run: stopped. Finished stages are kept; continue with:\n  unisd run --resume {run_dir}",
+        file=sys.stderr,
+    )
+
+
+def _finish_attempt(run_dir: Path, state: dict, attempt: dict, outcome: str, elapsed: float) -> None:
+    """Record the attempt's outcome and time in the run state; remove driver.pid."""
+    state["attempts"][-1] = attempt | {
+        "status": outcome,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "elapsed_s": round(elapsed, 1),
+    }
+    write_json(run_dir / RUN_STATE, state)
+    (run_dir / "driver.pid").unlink(missing_ok=True)
 
 
 def _report_pipeline_failure(err: Exception, log_path: Path, run_dir: Path) -> int:

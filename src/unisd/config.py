@@ -323,9 +323,20 @@ def check_consistent(
     data_hash = str(manifest.get("counts", {}).get("data_hash", ""))[:12]
     train_ids = set(_ids(read_jsonl(prepared / "train.jsonl"), prepared / "train.jsonl"))
     where = f"--prepared {prepared} (data_hash {data_hash}, {len(train_ids)} items)"
+    completions = _check_rollouts(rollouts or [], train_ids, where)
+    if contexts is not None:
+        _check_contexts(contexts, train_ids, where)
+    for folder in scores or []:
+        _check_scores(Path(folder), completions, train_ids, where)
+
+
+def _check_rollouts(rollouts: list[str | Path], train_ids: set[str], where: str) -> dict[str, int]:
+    """The completion token count of every rollout id; refuses ids not in the prepared items, or rollouts
+    that leave some of them out."""
+    from unisd.artifacts import read_json, read_jsonl
 
     completions: dict[str, int] = {}
-    for folder in rollouts or []:
+    for folder in rollouts:
         rows = read_jsonl(Path(folder) / "completions.jsonl")
         if read_json(Path(folder) / "manifest.json").get("skipped") and not rows:
             continue
@@ -344,39 +355,52 @@ def check_consistent(
             f"--rollouts cover {len(completions)} of the {len(train_ids)} items of {where}: no completion for "
             f"{_sample(missing)}; pass every rollout shard (or the gathered folder)"
         )
-    if contexts is not None:
-        ctx_manifest = read_json(Path(contexts) / "manifest.json")
-        rows = read_jsonl(Path(contexts) / "contexts.jsonl")
-        if rows or not ctx_manifest.get("skipped"):
-            ctx_ids = set(_ids(rows, Path(contexts) / "contexts.jsonl"))
-            foreign, missing = ctx_ids - train_ids, train_ids - ctx_ids
-            if foreign or (missing and len(missing) == len(train_ids)):
-                raise InputError(
-                    f"--contexts {contexts} was made from another prepare: {len(foreign)} of {len(ctx_ids)} "
-                    f"context ids are not in {where} (e.g. {_sample(foreign or missing)}); rerun the contexts "
-                    "stage on this prepared folder"
-                )
-    for folder in scores or []:
-        folder = Path(folder)
-        if not (folder / "ids.json").is_file():
-            continue  # a skipped scoring stage
-        ids = [str(i) for i in read_json(folder / "ids.json")]
-        foreign = set(ids) - (set(completions) if completions else train_ids)
-        if foreign:
-            against = "the given --rollouts" if completions else where
-            raise InputError(
-                f"--scores {folder} belong to other rollouts: {len(foreign)} of {len(ids)} scored ids are not "
-                f"in {against} (e.g. {_sample(foreign)}); rerun scoring on these rollouts"
-            )
-        if completions:
-            from safetensors import safe_open
+    return completions
 
-            with safe_open(str(folder / "scores.safetensors"), "pt") as f:
-                offsets = f.get_tensor("offsets").tolist()
-            wrong = [i for n, i in enumerate(ids) if offsets[n + 1] - offsets[n] != completions[i]]
-            if wrong:
-                raise InputError(
-                    f"--scores {folder} were computed on other completions: the token counts of {len(wrong)} "
-                    f"of {len(ids)} items differ from the given --rollouts (e.g. {_sample(set(wrong))}); "
-                    "rerun scoring on these rollouts"
-                )
+
+def _check_contexts(contexts: str | Path, train_ids: set[str], where: str) -> None:
+    """Refuse a contexts folder made from another prepare (a skipped, empty one passes)."""
+    from unisd.artifacts import read_json, read_jsonl
+
+    folder = Path(contexts)
+    ctx_manifest = read_json(folder / "manifest.json")
+    rows = read_jsonl(folder / "contexts.jsonl")
+    if rows or not ctx_manifest.get("skipped"):
+        ctx_ids = set(_ids(rows, folder / "contexts.jsonl"))
+        foreign, missing = ctx_ids - train_ids, train_ids - ctx_ids
+        # the contexts stage may drop items (dropped.jsonl); covering none of them means another prepare
+        if foreign or (missing and len(missing) == len(train_ids)):
+            raise InputError(
+                f"--contexts {contexts} was made from another prepare: {len(foreign)} of {len(ctx_ids)} "
+                f"context ids are not in {where} (e.g. {_sample(foreign or missing)}); rerun the contexts "
+                "stage on this prepared folder"
+            )
+
+
+def _check_scores(folder: Path, completions: dict[str, int], train_ids: set[str], where: str) -> None:
+    """Refuse a scores folder whose ids are not those of the rollouts (or, without rollouts, of the prepared
+    items), or whose token counts differ from the rollouts' completions."""
+    from unisd.artifacts import read_json
+
+    if not (folder / "ids.json").is_file():
+        return  # a skipped scoring stage
+    ids = [str(i) for i in read_json(folder / "ids.json")]
+    foreign = set(ids) - (set(completions) if completions else train_ids)
+    if foreign:
+        against = "the given --rollouts" if completions else where
+        raise InputError(
+            f"--scores {folder} belong to other rollouts: {len(foreign)} of {len(ids)} scored ids are not "
+            f"in {against} (e.g. {_sample(foreign)}); rerun scoring on these rollouts"
+        )
+    if completions:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "scores.safetensors"), "pt") as f:
+            offsets = f.get_tensor("offsets").tolist()
+        wrong = [i for n, i in enumerate(ids) if offsets[n + 1] - offsets[n] != completions[i]]
+        if wrong:
+            raise InputError(
+                f"--scores {folder} were computed on other completions: the token counts of {len(wrong)} "
+                f"of {len(ids)} items differ from the given --rollouts (e.g. {_sample(set(wrong))}); "
+                "rerun scoring on these rollouts"
+            )

@@ -630,49 +630,22 @@ def estimate_memory(
     layer's full set; logit chunks: a few fp32 [chunk, V] buffers of the chunked loss; K views: the no-grad K·B
     scoring pass of online mode (one layer's activations at a time + its logit chunks).
     """
-    cfg = getattr(model, "config", None)
-    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
-    layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
-    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
-    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
-    n_total = sum(p.numel() if not is_partitioned(p) else p.ds_numel for p in model.parameters())
-    n_train = sum(
-        (p.numel() if not is_partitioned(p) else p.ds_numel) for p in model.parameters() if p.requires_grad
+    n_total, n_train = _parameter_counts(model)
+    params, grads, opt = _training_state_bytes(
+        n_train, n_total - n_train, lora=lora, engine=engine, world=world, precision=precision
     )
-    n_frozen = n_total - n_train
-    compute_bytes = torch.finfo(precision.compute).bits // 8
-    deepspeed = engine in ("zero2", "zero3")
-    shard = world if engine == "zero3" else 1
     notes: list[str] = []
-    if deepspeed:
-        params = (n_train * compute_bytes + n_frozen * compute_bytes) // shard
-        grads = n_train * compute_bytes // world
-        opt = n_train * (8 + (4 if precision.compute != torch.float32 else 0)) // world
-    else:
-        store = 4 if precision.master == "fp32" else compute_bytes
-        frozen_store = compute_bytes if lora else store
-        params = n_train * store + n_frozen * frozen_store
-        grads = n_train * store
-        opt = n_train * 8 if precision.master == "fp32" else n_train * 2 * compute_bytes
     if offload_optimizer:
         notes.append(f"optimizer states offloaded to CPU memory ({opt / GIB:.2f} GiB there)")
         opt = 0
+    shard = world if engine == "zero3" else 1
     teacher_bytes = 0 if lora else (n_total * 4) // shard
     if lora and teacher == "ema":
         teacher_bytes = n_train * 4
     b, seq = micro_batch_size, sequence_length
-    per_layer_full = int(b * seq * hidden * (34 + 5 * heads * seq / max(hidden, 1)) / 2 * compute_bytes / 2)
-    if gradient_checkpointing:
-        activations = layers * 2 * b * seq * hidden * compute_bytes + per_layer_full
-    else:
-        activations = layers * per_layer_full
-    n_tokens = b * completion_length
-    logits = 3 * min(chunk_size, max(n_tokens, 1)) * vocab * 4 + 2 * n_tokens * hidden * 4
-    views = 0
-    if num_views:
-        rows = num_views * b
-        views = int(rows * seq * hidden * (34 + 5 * heads * seq / max(hidden, 1)) / 2 * compute_bytes / 2)
-        views += 2 * min(chunk_size, rows * completion_length) * vocab * 4
+    activations, logits, views = _micro_batch_bytes(
+        model, precision, b, seq, completion_length, num_views, chunk_size, gradient_checkpointing
+    )
     return MemoryEstimate(
         parameters=int(params),
         gradients=int(grads),
@@ -685,6 +658,77 @@ def estimate_memory(
         device=device,
         notes=notes,
     )
+
+
+def _parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameter counts; a ZeRO-3 partitioned parameter counts whole (its ds_numel)."""
+    n_total = sum(p.numel() if not is_partitioned(p) else p.ds_numel for p in model.parameters())
+    n_train = sum(
+        (p.numel() if not is_partitioned(p) else p.ds_numel) for p in model.parameters() if p.requires_grad
+    )
+    return n_total, n_train
+
+
+def _training_state_bytes(
+    n_train: int, n_frozen: int, *, lora: bool, engine: str, world: int, precision: Precision
+) -> tuple[int, int, int]:
+    """Per-rank bytes of (parameters, gradients, optimizer states), before any optimizer offload."""
+    compute_bytes = torch.finfo(precision.compute).bits // 8
+    if engine in ("zero2", "zero3"):  # DeepSpeed: compute-dtype parameters, fp32 masters in the optimizer
+        shard = world if engine == "zero3" else 1
+        params = (n_train * compute_bytes + n_frozen * compute_bytes) // shard
+        grads = n_train * compute_bytes // world
+        opt = n_train * (8 + (4 if precision.compute != torch.float32 else 0)) // world
+    else:
+        store = 4 if precision.master == "fp32" else compute_bytes
+        frozen_store = compute_bytes if lora else store
+        params = n_train * store + n_frozen * frozen_store
+        grads = n_train * store
+        opt = n_train * 8 if precision.master == "fp32" else n_train * 2 * compute_bytes
+    return params, grads, opt
+
+
+def _model_dims(model: nn.Module) -> tuple[int, int, int, int]:
+    """(hidden size, layers, attention heads, vocabulary size) from the model's config; 0 (heads: 1) if unset."""
+    cfg = getattr(model, "config", None)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    return hidden, layers, heads, vocab
+
+
+def _micro_batch_bytes(
+    model: nn.Module,
+    precision: Precision,
+    b: int,
+    seq: int,
+    completion_length: int,
+    num_views: int,
+    chunk_size: int,
+    gradient_checkpointing: bool,
+) -> tuple[int, int, int]:
+    """Bytes of (activations, logit chunks, K-view scoring) of one micro-batch of `b` sequences of `seq` tokens."""
+    hidden, layers, heads, vocab = _model_dims(model)
+    compute_bytes = torch.finfo(precision.compute).bits // 8
+    per_layer_full = _layer_activation_bytes(b, seq, hidden, heads, compute_bytes)
+    if gradient_checkpointing:
+        activations = layers * 2 * b * seq * hidden * compute_bytes + per_layer_full
+    else:
+        activations = layers * per_layer_full
+    n_tokens = b * completion_length
+    logits = 3 * min(chunk_size, max(n_tokens, 1)) * vocab * 4 + 2 * n_tokens * hidden * 4
+    views = 0
+    if num_views:  # online mode's no-grad scoring: one layer's activations at a time + its logit chunks
+        rows = num_views * b
+        views = _layer_activation_bytes(rows, seq, hidden, heads, compute_bytes)
+        views += 2 * min(chunk_size, rows * completion_length) * vocab * 4
+    return activations, logits, views
+
+
+def _layer_activation_bytes(rows: int, seq: int, hidden: int, heads: int, compute_bytes: int) -> int:
+    """One layer's full activations for `rows` sequences of `seq` tokens (Korthikanti et al., halved for SDPA)."""
+    return int(rows * seq * hidden * (34 + 5 * heads * seq / max(hidden, 1)) / 2 * compute_bytes / 2)
 
 
 def advice(estimate: MemoryEstimate, *, lora: bool, engine: str, gradient_checkpointing: bool) -> list[str]:

@@ -167,6 +167,46 @@ def trainjob_manifest(spec: LaunchSpec, name: str, argv: Sequence[str], namespac
     patch mounts the shared cache PVC (inputs, checkpoints, output) and shm, and places the pods on GPU nodes."""
     if not spec.image:
         raise ValueError("launch spec: image is required for a TrainJob (nodes > 1)")
+    return {
+        "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
+        "kind": "TrainJob",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "unisd", "app.kubernetes.io/component": "train"},
+        },
+        "spec": {
+            "runtimeRef": {"apiGroup": TRAINER_GROUP, "kind": "ClusterTrainingRuntime", "name": spec.runtime},
+            "activeDeadlineSeconds": spec.timeout_s,
+            "trainer": _trainer_spec(spec, argv),
+            "runtimePatches": [_runtime_patch(_pod_patch(spec))],
+        },
+    }
+
+
+def _trainer_spec(spec: LaunchSpec, argv: Sequence[str]) -> dict[str, Any]:
+    """The TrainJob's `trainer`: torchrun of `unisd argv` on spec.nodes × spec.gpus, its resources, the caches."""
+    mount = spec.cache_mount_path
+    gpus = {spec.gpu_resource: str(spec.gpus)}
+    return {
+        "image": spec.image,
+        "command": ["torchrun", "-m", "unisd"],
+        "args": list(argv),
+        "numNodes": spec.nodes,
+        "numProcPerNode": spec.gpus,
+        "resourcesPerNode": {
+            "requests": {"cpu": spec.cpu_per_node, "memory": spec.memory_per_node, **gpus},
+            "limits": {"memory": spec.memory_per_node, **gpus},
+        },
+        "env": [
+            {"name": "HF_HOME", "value": f"{mount}/hf"},
+            {"name": "UNISD_CACHE_DIR", "value": f"{mount}/unisd"},
+        ],
+    }
+
+
+def _pod_patch(spec: LaunchSpec) -> dict[str, Any]:
+    """The trainer pods' patch: the shared cache PVC and shm mounted, the node selector and tolerations."""
     mount = spec.cache_mount_path
     pod_patch: dict[str, Any] = {
         "volumes": [
@@ -187,50 +227,24 @@ def trainjob_manifest(spec: LaunchSpec, name: str, argv: Sequence[str], namespac
         pod_patch["nodeSelector"] = {str(k): str(v) for k, v in spec.node_selector.items()}
     if spec.tolerations:
         pod_patch["tolerations"] = [dict(t) for t in spec.tolerations]
-    gpus = {spec.gpu_resource: str(spec.gpus)}
+    return pod_patch
+
+
+def _runtime_patch(pod_patch: dict[str, Any]) -> dict[str, Any]:
+    """The runtime patch that applies `pod_patch` to the runtime's trainer replicated job."""
     return {
-        "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
-        "kind": "TrainJob",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/part-of": "unisd", "app.kubernetes.io/component": "train"},
-        },
-        "spec": {
-            "runtimeRef": {"apiGroup": TRAINER_GROUP, "kind": "ClusterTrainingRuntime", "name": spec.runtime},
-            "activeDeadlineSeconds": spec.timeout_s,
-            "trainer": {
-                "image": spec.image,
-                "command": ["torchrun", "-m", "unisd"],
-                "args": list(argv),
-                "numNodes": spec.nodes,
-                "numProcPerNode": spec.gpus,
-                "resourcesPerNode": {
-                    "requests": {"cpu": spec.cpu_per_node, "memory": spec.memory_per_node, **gpus},
-                    "limits": {"memory": spec.memory_per_node, **gpus},
-                },
-                "env": [
-                    {"name": "HF_HOME", "value": f"{mount}/hf"},
-                    {"name": "UNISD_CACHE_DIR", "value": f"{mount}/unisd"},
-                ],
-            },
-            "runtimePatches": [
-                {
-                    "manager": PATCH_MANAGER,
-                    "trainingRuntimeSpec": {
-                        "template": {
-                            "spec": {
-                                "replicatedJobs": [
-                                    {
-                                        "name": TRAINER_CONTAINER,
-                                        "template": {"spec": {"template": {"spec": pod_patch}}},
-                                    }
-                                ]
-                            }
+        "manager": PATCH_MANAGER,
+        "trainingRuntimeSpec": {
+            "template": {
+                "spec": {
+                    "replicatedJobs": [
+                        {
+                            "name": TRAINER_CONTAINER,
+                            "template": {"spec": {"template": {"spec": pod_patch}}},
                         }
-                    },
+                    ]
                 }
-            ],
+            }
         },
     }
 

@@ -196,22 +196,13 @@ def _load(entry: Entry, cfg: PrepareConfig, data_dir, fingerprint: dict | None) 
 def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tokenizer=None) -> dict:
     """Write train.jsonl, eval/<name>.jsonl, snapshot/, dropped.jsonl, report.md and manifest.json to
     `out_dir` (see the module docstring)."""
-    from unisd.data.sources import records_hash, snapshot_row, source_fingerprint
-
     out_dir = Path(out_dir)
     entries = resolve_entries(cfg)
     unused = sorted(set(cfg.datasets) - {e.name for e in entries})
     if unused:
         log.warning("prepare: datasets %s are defined but not in benchmarks / eval_only: not used", unused)
-    needs_files = any(e.builtin and BENCHMARK_SPECS[e.name].files for e in entries)
-    data_dir = resolve_data_dir(cfg.data_dir) if needs_files else None
-    inputs, fingerprints = [], {}
-    for e in entries:
-        if e.builtin:
-            inputs += benchmark_files(e.name, data_dir)
-        else:
-            files, fingerprints[e.name] = source_fingerprint(e.spec)
-            inputs += files
+    data_dir = _builtin_data_dir(cfg, entries)
+    inputs, fingerprints = _stage_inputs(entries, data_dir)
     stage = begin_stage(
         "prepare",
         out_dir,
@@ -225,40 +216,8 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
     with timer("load"):  # everything read and validated before anything is written
         loaded = [_load(e, cfg, data_dir, fingerprints.get(e.name)) for e in entries]
     tokenizer = tokenizer or _tokenizer(model_spec)
-    train_rows, dropped, eval_counts, used = [], [], {}, {}
     with timer("prepare"):
-        for item in loaded:
-            kept = []
-            for rec in item.train:
-                reasons = []
-                if not rec.reference.strip():
-                    reasons.append("no reference solution: usable for evaluation only")
-                else:
-                    student = encode_prompt(tokenizer, student_messages(rec))
-                    teacher = encode_prompt(tokenizer, teacher_messages(rec))
-                    if len(student) > cfg.max_prompt_tokens:
-                        reasons.append(
-                            f"student prompt {len(student)} > max_prompt_tokens {cfg.max_prompt_tokens}"
-                        )
-                    if len(teacher) > cfg.max_teacher_prompt_tokens:
-                        reasons.append(
-                            f"teacher prompt {len(teacher)} > max_teacher_prompt_tokens "
-                            f"{cfg.max_teacher_prompt_tokens}"
-                        )
-                if reasons:
-                    dropped.append({"id": rec.id, "stage": "prepare", "reasons": reasons})
-                    continue
-                kept.append(rec)
-                train_rows.append(
-                    {
-                        "id": rec.id,
-                        "record": rec.to_dict(),
-                        "student_prompt_ids": student,
-                        "teacher_prompt_ids": teacher,
-                    }
-                )
-            used[item.entry.name] = kept + item.held_out
-            eval_counts[item.entry.name] = len(item.held_out)
+        train_rows, dropped, eval_counts, used = _encode_training_items(loaded, cfg, tokenizer)
     if not train_rows:
         raise ValueError(
             f"no training items left after the length limits ({len(dropped)} dropped); see report"
@@ -266,6 +225,92 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
     for item in loaded:
         write_jsonl(out_dir / "eval" / f"{item.entry.name}.jsonl", [r.to_dict() for r in item.held_out])
     snapshot = out_dir / "snapshot"
+    _write_snapshot(snapshot, loaded, used)
+    write_jsonl(out_dir / "train.jsonl", train_rows)
+    data_hash = hash_files(sorted(snapshot.glob("*.jsonl")))
+    write_jsonl(out_dir / "dropped.jsonl", dropped)
+    write_text(out_dir / "report.md", _report(model_spec, data_dir, loaded, train_rows, eval_counts, dropped))
+    counts = {
+        "train": len(train_rows),
+        "dropped": len(dropped),
+        "eval": eval_counts,
+        "data_hash": data_hash,
+        "snapshot_rows": sum(len(rows) for rows in used.values()),
+        "bad_rows_skipped": sum(item.bad_rows for item in loaded),
+    }
+    log.info("prepare: %s", counts)
+    return stage.finish(counts=counts)
+
+
+def _builtin_data_dir(cfg: PrepareConfig, entries: list[Entry]):
+    """The built-ins' data directory, resolved only when a built-in reads files; else None."""
+    needs_files = any(e.builtin and BENCHMARK_SPECS[e.name].files for e in entries)
+    return resolve_data_dir(cfg.data_dir) if needs_files else None
+
+
+def _stage_inputs(entries: list[Entry], data_dir) -> tuple[list, dict]:
+    """The local files skip-if-done hashes and, per user dataset, its source's fingerprint."""
+    from unisd.data.sources import source_fingerprint
+
+    inputs, fingerprints = [], {}
+    for e in entries:
+        if e.builtin:
+            inputs += benchmark_files(e.name, data_dir)
+        else:
+            files, fingerprints[e.name] = source_fingerprint(e.spec)
+            inputs += files
+    return inputs, fingerprints
+
+
+def _encode_training_items(
+    loaded: list[_Loaded], cfg: PrepareConfig, tokenizer
+) -> tuple[list[dict], list[dict], dict[str, int], dict[str, list[Record]]]:
+    """train.jsonl's rows, the dropped items, each benchmark's held-out count and the records each uses
+    (training items kept + held-out items)."""
+    train_rows, dropped, eval_counts, used = [], [], {}, {}
+    for item in loaded:
+        kept = []
+        for rec in item.train:
+            row, reasons = _encode_train_item(rec, cfg, tokenizer)
+            if reasons:
+                dropped.append({"id": rec.id, "stage": "prepare", "reasons": reasons})
+                continue
+            kept.append(rec)
+            train_rows.append(row)
+        used[item.entry.name] = kept + item.held_out
+        eval_counts[item.entry.name] = len(item.held_out)
+    return train_rows, dropped, eval_counts, used
+
+
+def _encode_train_item(rec: Record, cfg: PrepareConfig, tokenizer) -> tuple[dict | None, list[str]]:
+    """One record's train.jsonl row (its student and teacher prompt ids) and no reasons, or None and the
+    reasons it is dropped."""
+    if not rec.reference.strip():
+        return None, ["no reference solution: usable for evaluation only"]
+    student = encode_prompt(tokenizer, student_messages(rec))
+    teacher = encode_prompt(tokenizer, teacher_messages(rec))
+    reasons = []
+    if len(student) > cfg.max_prompt_tokens:
+        reasons.append(f"student prompt {len(student)} > max_prompt_tokens {cfg.max_prompt_tokens}")
+    if len(teacher) > cfg.max_teacher_prompt_tokens:
+        reasons.append(
+            f"teacher prompt {len(teacher)} > max_teacher_prompt_tokens {cfg.max_teacher_prompt_tokens}"
+        )
+    if reasons:  # never truncated: a truncated teacher prompt would distil from a teacher without the demo
+        return None, reasons
+    row = {
+        "id": rec.id,
+        "record": rec.to_dict(),
+        "student_prompt_ids": student,
+        "teacher_prompt_ids": teacher,
+    }
+    return row, []
+
+
+def _write_snapshot(snapshot: Path, loaded: list[_Loaded], used: dict[str, list[Record]]) -> None:
+    """Write snapshot/<name>.jsonl (the rows each benchmark uses) and snapshot/sources.json."""
+    from unisd.data.sources import records_hash, snapshot_row
+
     sources = {}
     for item in loaded:
         rows = used[item.entry.name]
@@ -281,20 +326,6 @@ def run_prepare(cfg: PrepareConfig, *, model_spec: str, out_dir: str | Path, tok
             "sha256": records_hash(rows),
         }
     write_json(snapshot / "sources.json", sources)
-    write_jsonl(out_dir / "train.jsonl", train_rows)
-    data_hash = hash_files(sorted(snapshot.glob("*.jsonl")))
-    write_jsonl(out_dir / "dropped.jsonl", dropped)
-    write_text(out_dir / "report.md", _report(model_spec, data_dir, loaded, train_rows, eval_counts, dropped))
-    counts = {
-        "train": len(train_rows),
-        "dropped": len(dropped),
-        "eval": eval_counts,
-        "data_hash": data_hash,
-        "snapshot_rows": sum(len(rows) for rows in used.values()),
-        "bad_rows_skipped": sum(item.bad_rows for item in loaded),
-    }
-    log.info("prepare: %s", counts)
-    return stage.finish(counts=counts)
 
 
 def _tokenizer(model_spec: str):

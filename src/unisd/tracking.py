@@ -1240,36 +1240,16 @@ def promotion_decision(
         "n_only_challenger": len(set(challenger_items) - set(shared)),
         "margin": margin,
     }
-    if not shared:
-        return _refusal("the two evals share no item ids: they cannot be compared", **counts)
-    bad = [i for i in shared if not (math.isfinite(champion_items[i]) and math.isfinite(challenger_items[i]))]
-    if bad:
-        return _refusal(
-            f"{len(bad)} shared item(s) have NaN/inf scores (e.g. {bad[:3]}): not promoting", **counts
-        )
-    if len(shared) < min_items:
-        return _refusal(
-            f"only {len(shared)} shared items (< min_items={min_items}): too few to decide", **counts
-        )
+    refused = _unpaired_refusal(champion_items, challenger_items, shared, min_items)
+    if refused:
+        return _refusal(refused, **counts)
     baseline = {i: float(champion_items[i]) for i in shared}
     candidate = {i: float(challenger_items[i]) for i in shared}
     cmp = paired_bootstrap(baseline, candidate, confidence=confidence, n_resamples=n_resamples, seed=seed)
     promote = cmp.ci_low > margin
-    level = f"{confidence:.0%}"
-    verdict = "clears" if promote else "does not clear"
-    reason = (
-        f"challenger − baseline = {cmp.delta:+.4f} on {cmp.n} shared items, {level} CI "
-        f"[{cmp.ci_low:+.4f}, {cmp.ci_high:+.4f}]: the lower bound {verdict} the margin {margin:+.4f}"
-    )
-    per_benchmark: dict[str, dict[str, float]] = {}
-    for item in shared:
-        group = item.split("/", 1)[0] if "/" in item else ""
-        entry = per_benchmark.setdefault(group, {"sum": 0.0, "n": 0})
-        entry["sum"] += candidate[item] - baseline[item]
-        entry["n"] += 1
     return {
         "promote": bool(promote),
-        "reason": reason,
+        "reason": _decision_reason(cmp, confidence=confidence, margin=margin, promote=promote),
         "delta": cmp.delta,
         "ci_low": cmp.ci_low,
         "ci_high": cmp.ci_high,
@@ -1277,8 +1257,49 @@ def promotion_decision(
         "n_items": cmp.n,
         "confidence": confidence,
         **counts,
-        "per_benchmark": {g: {"delta": e["sum"] / e["n"], "n": e["n"]} for g, e in per_benchmark.items()},
+        "per_benchmark": _per_benchmark_deltas(shared, baseline, candidate),
     }
+
+
+def _unpaired_refusal(
+    champion_items: Mapping[str, float],
+    challenger_items: Mapping[str, float],
+    shared: list[str],
+    min_items: int,
+) -> str | None:
+    """Why the shared items cannot decide (none, NaN/inf scores, fewer than `min_items`), or None."""
+    if not shared:
+        return "the two evals share no item ids: they cannot be compared"
+    bad = [i for i in shared if not (math.isfinite(champion_items[i]) and math.isfinite(challenger_items[i]))]
+    if bad:
+        return f"{len(bad)} shared item(s) have NaN/inf scores (e.g. {bad[:3]}): not promoting"
+    if len(shared) < min_items:
+        return f"only {len(shared)} shared items (< min_items={min_items}): too few to decide"
+    return None
+
+
+def _decision_reason(cmp, *, confidence: float, margin: float, promote: bool) -> str:
+    """The decision's reason: the paired delta of `cmp` (a PairedComparison), its CI, whether its lower
+    bound clears the margin."""
+    level = f"{confidence:.0%}"
+    verdict = "clears" if promote else "does not clear"
+    return (
+        f"challenger − baseline = {cmp.delta:+.4f} on {cmp.n} shared items, {level} CI "
+        f"[{cmp.ci_low:+.4f}, {cmp.ci_high:+.4f}]: the lower bound {verdict} the margin {margin:+.4f}"
+    )
+
+
+def _per_benchmark_deltas(
+    shared: list[str], baseline: dict[str, float], candidate: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """{benchmark (the id's prefix before '/', else ""): {mean challenger − baseline delta, n items}}."""
+    per_benchmark: dict[str, dict[str, float]] = {}
+    for item in shared:
+        group = item.split("/", 1)[0] if "/" in item else ""
+        entry = per_benchmark.setdefault(group, {"sum": 0.0, "n": 0})
+        entry["sum"] += candidate[item] - baseline[item]
+        entry["n"] += 1
+    return {g: {"delta": e["sum"] / e["n"], "n": e["n"]} for g, e in per_benchmark.items()}
 
 
 def decide_promotion(

@@ -435,87 +435,101 @@ def to_record(
     row: UserRow, *, dataset: str, split: str, meta: dict[str, Any], metric: str | None = None
 ) -> Record:
     """The `Record` of one validated row of dataset `dataset` (its id: "<dataset>/<row id>")."""
-    record_id = f"{dataset}/{row.local_id()}"
-    meta = dict(meta)
+    ids = {"id": f"{dataset}/{row.local_id()}", "benchmark": dataset, "split": split}
+    meta = dict(meta)  # each kind adds its own keys; the caller's dict stays as it was
     if isinstance(row, MultipleChoiceRow):
-        if row.explanation:
-            meta["explanation"] = row.explanation
-        return Record(
-            id=record_id,
-            benchmark=dataset,
-            split=split,
-            question=row.question.strip(),
-            reference=mc_reference_text(str(row.answer), row.explanation),
-            answer=str(row.answer),
-            choices=[c.strip() for c in row.choices],
-            meta=meta,
-            task_kind=row.KIND,
-        )
+        return _multiple_choice_record(row, ids, meta)
     if isinstance(row, CodeRow):
-        shown = ([row.setup_code.strip()] if row.setup_code.strip() else []) + row.tests
-        question = row.prompt.strip()
-        if row.show_tests:
-            question += "\nYour code should pass these tests:\n\n" + "\n".join(t.strip() for t in shown)
-        solution = row.reference_solution or ""
-        meta["has_reference_solution"] = bool(solution)
-        return Record(
-            id=record_id,
-            benchmark=dataset,
-            split=split,
-            question=question,
-            reference=solution,
-            answer=solution,
-            tests=list(row.tests),
-            setup_code=row.setup_code,
-            entry_point=row.entry_point,
-            meta=meta,
-            task_kind=row.KIND,
-        )
+        return _code_record(row, ids, meta)
     if isinstance(row, ToolUseRow):
-        from unisd.tasks.tool_use import render_tool_calls
-
-        calls = [
-            {
-                "name": c.name,
-                "arguments": dict(c.arguments),
-                "arguments_raw": json.dumps(c.arguments, ensure_ascii=False),
-            }
-            for c in row.gold_calls
-        ]
-        rendered = render_tool_calls(calls)
-        api = row.api_name or dataset
-        meta.update(api_name=api, instruction=row.request.strip())
-        return Record(
-            id=record_id,
-            benchmark=dataset,
-            split=split,
-            question=f"API: {api}\nTools:\n{row.tool_docs()}\n\nUser request: {row.request.strip()}",
-            reference=rendered,
-            answer=rendered,
-            gold_calls=calls,
-            meta=meta,
-            task_kind=row.KIND,
-        )
+        return _tool_use_record(row, ids, meta)
     if isinstance(row, FreeFormRow):
-        from unisd.tasks.free_form import DEFAULT_METRIC
-        from unisd.tasks.free_form import reference as ff_reference
-
-        meta["metric"] = metric or DEFAULT_METRIC
-        if row.explanation:
-            meta["explanation"] = row.explanation
-        if row.wrong_answers:
-            meta["wrong_answers"] = list(row.wrong_answers)
-        return Record(
-            id=record_id,
-            benchmark=dataset,
-            split=split,
-            question=row.prompt.strip(),
-            reference=ff_reference(row.answer, row.explanation),
-            answer=row.answer.strip(),
-            meta=meta,
-            task_kind=row.KIND,
-        )
+        return _free_form_record(row, ids, meta, metric)
     raise TypeError(f"no record conversion for {type(row).__name__}")
+
+
+def _multiple_choice_record(row: MultipleChoiceRow, ids: dict[str, str], meta: dict[str, Any]) -> Record:
+    """The Record of a multiple_choice row: the answer letter, the reference with its explanation."""
+    if row.explanation:
+        meta["explanation"] = row.explanation
+    return Record(
+        **ids,
+        question=row.question.strip(),
+        reference=mc_reference_text(str(row.answer), row.explanation),
+        answer=str(row.answer),
+        choices=[c.strip() for c in row.choices],
+        meta=meta,
+        task_kind=row.KIND,
+    )
+
+
+def _code_record(row: CodeRow, ids: dict[str, str], meta: dict[str, Any]) -> Record:
+    """The Record of a code row: the prompt (with the tests when `show_tests`), the reference solution."""
+    shown = ([row.setup_code.strip()] if row.setup_code.strip() else []) + row.tests
+    question = row.prompt.strip()
+    if row.show_tests:
+        question += "\nYour code should pass these tests:\n\n" + "\n".join(t.strip() for t in shown)
+    solution = row.reference_solution or ""
+    meta["has_reference_solution"] = bool(solution)
+    return Record(
+        **ids,
+        question=question,
+        reference=solution,
+        answer=solution,
+        tests=list(row.tests),
+        setup_code=row.setup_code,
+        entry_point=row.entry_point,
+        meta=meta,
+        task_kind=row.KIND,
+    )
+
+
+def _tool_use_record(row: ToolUseRow, ids: dict[str, str], meta: dict[str, Any]) -> Record:
+    """The Record of a tool_use row: the API's tool docs and the request, the gold calls rendered."""
+    from unisd.tasks.tool_use import render_tool_calls
+
+    calls = [
+        {
+            "name": c.name,
+            "arguments": dict(c.arguments),
+            "arguments_raw": json.dumps(c.arguments, ensure_ascii=False),
+        }
+        for c in row.gold_calls
+    ]
+    rendered = render_tool_calls(calls)
+    api = row.api_name or ids["benchmark"]  # default: the dataset's name
+    meta.update(api_name=api, instruction=row.request.strip())
+    return Record(
+        **ids,
+        question=f"API: {api}\nTools:\n{row.tool_docs()}\n\nUser request: {row.request.strip()}",
+        reference=rendered,
+        answer=rendered,
+        gold_calls=calls,
+        meta=meta,
+        task_kind=row.KIND,
+    )
+
+
+def _free_form_record(
+    row: FreeFormRow, ids: dict[str, str], meta: dict[str, Any], metric: str | None
+) -> Record:
+    """The Record of a free_form row: the reference answer, its metric (default: free_form's)."""
+    from unisd.tasks.free_form import DEFAULT_METRIC
+    from unisd.tasks.free_form import reference as ff_reference
+
+    meta["metric"] = metric or DEFAULT_METRIC
+    if row.explanation:
+        meta["explanation"] = row.explanation
+    if row.wrong_answers:
+        meta["wrong_answers"] = list(row.wrong_answers)
+    return Record(
+        **ids,
+        question=row.prompt.strip(),
+        reference=ff_reference(row.answer, row.explanation),
+        answer=row.answer.strip(),
+        meta=meta,
+        task_kind=row.KIND,
+    )
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
