@@ -16,7 +16,7 @@ from unisd.images import image
 
 TRAIN_IMAGE = image("train")
 ROLLOUT_IMAGE = image("rollout")
-SANDBOX_IMAGE = image("sandbox")  # the grade step: CPU only, bubblewrap, no GPU libraries
+SANDBOX_IMAGE = image("sandbox")  # grade, negatives: CPU only, bubblewrap, no GPU libraries
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
@@ -184,13 +184,25 @@ def starting_model_op(config: Input[Artifact], run_id: str, model: Output[Model]
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def contexts_op(config: Input[Artifact], prepared: Input[Dataset], contexts: Output[Dataset]):
-    """K auxiliary contexts (random / retrieval / induced) and negative demonstrations per item."""
+def contexts_op(config: Input[Artifact], prepared: Input[Dataset], draft: Output[Dataset]):
+    """K auxiliary contexts (random / retrieval / induced) and the model's negative candidates per item."""
     from unisd.pipeline_steps import contexts as run
     from unisd.pipeline_steps import parse_config
 
     cfg = parse_config(open(config.path).read())
-    contexts.metadata.update(run(cfg, prepared.path, contexts.path).get("counts", {}))
+    draft.metadata.update(run(cfg, prepared.path, draft.path).get("counts", {}))
+
+
+@dsl.component(base_image=SANDBOX_IMAGE, install_kfp_package=False)
+def negatives_op(
+    config: Input[Artifact], prepared: Input[Dataset], draft: Input[Dataset], contexts: Output[Dataset]
+):
+    """The negative candidates judged (code: must fail the tests, in the sandbox), one per item: the final
+    contexts. Runs model-written code: the sandbox image, no shared volume, egress denied."""
+    from unisd.pipeline_steps import negatives, parse_config
+
+    cfg = parse_config(open(config.path).read())
+    contexts.metadata.update(negatives(cfg, prepared.path, draft.path, contexts.path).get("counts", {}))
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)

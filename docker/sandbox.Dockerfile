@@ -1,4 +1,4 @@
-# unisd sandbox image: CPU-only, for the grade step that executes model-written code, and for the
+# unisd sandbox image: CPU-only, for the grade and negatives steps that execute model-written code, and for the
 # chart's pipeline-upload Job (`unisd compile` + the kfp client). No GPU libraries.
 #
 # Build from the repository root:

@@ -32,6 +32,7 @@ TITLES = {
     "data-check-op": "data check",
     "starting-model-op": "starting model",
     "contexts-op": "contexts",
+    "negatives-op": "negatives",
     "shard-indices-op": "shards",
     "rollout-op": "rollout",
     "merge-shards-op": "gather",
@@ -47,7 +48,7 @@ TITLES = {
 
 def expected_tasks(*, rounds: int, shards: int, benchmarks: int) -> int:
     """Tasks of one local run (the exit step counted)."""
-    return 7 + rounds * (2 * shards + 3) + 4 * benchmarks + 4  # eval + grade, base and distilled
+    return 8 + rounds * (2 * shards + 3) + 4 * benchmarks + 4  # eval + grade, base and distilled
 
 
 def _key_counts(task_dir: Path) -> str:

@@ -37,6 +37,7 @@ from components.stages import (
     eval_op,
     grade_op,
     merge_shards_op,
+    negatives_op,
     prepare_op,
     promote_op,
     register_op,
@@ -83,9 +84,9 @@ class ClusterSettings:
     cache_mount_path: str = "/cache"
     mlflow_tracking_uri: str = "http://unisd-mlflow.unisd.svc.cluster.local:5000"
     sandbox_labels: dict = field(default_factory=lambda: dict(SANDBOX_LABELS))
-    # unisd.sandbox's backend in the grade pod (its $UNISD_SANDBOX_BACKEND): "" = auto, which refuses to run
-    # code when bubblewrap/unshare cannot isolate it there; "rlimit" accepts the pod itself as the boundary:
-    # set it only where the grade pods meet the hardened spec (docs/deploy.md, "Isolation").
+    # unisd.sandbox's backend in the grade and negatives pods (their $UNISD_SANDBOX_BACKEND): "" = auto, which
+    # refuses to run code when bubblewrap/unshare cannot isolate it there; "rlimit" accepts the pod itself as the
+    # boundary: set it only where those pods meet the hardened spec (docs/deploy.md, "Sandbox isolation").
     sandbox_backend: str = ""
     run_as_user: int = 10001  # the grade pod's uid (and gid): the images' unprivileged `unisd` user
     # Data for the prepare pod only (every later pod reads prepare's snapshot): where the built-in
@@ -293,9 +294,9 @@ def _sandbox_label(task, settings: ClusterSettings):
 
 
 def _sandbox_pod(task, settings: ClusterSettings):
-    """The grade step, the one that runs model-written code: the sandbox image (grade_op's base image), the
-    sandbox label (egress denied), non-root, CPU only, no volume, no credentials, a deadline; and the
-    sandbox backend of the cluster settings (rlimit only where these pods are hardened)."""
+    """The steps that run model-written code (grade, negatives): the sandbox image (their components' base
+    image), the sandbox label (egress denied), non-root, CPU only, no volume, no credentials, a deadline; and
+    the sandbox backend of the cluster settings (rlimit only where these pods are hardened)."""
     from kfp import kubernetes
 
     _sandbox_label(task, settings)
@@ -332,9 +333,8 @@ def _data(task, settings: ClusterSettings):
 
 
 # Where each stage runs on a cluster: "gpu" (accelerator + cache), "cpu", "sandbox" (the hardened pod of the
-# grade step, the only one that executes model-written code for scores), "sandbox-label" (egress denied:
-# contexts, which checks code negatives in unisd.sandbox inside its GPU pod), "data" for the one stage that
-# reads the data sources.
+# steps that execute model-written code: grade, and negatives, which checks that code negatives fail their
+# tests), "data" for the one stage that reads the data sources.
 PLACEMENT: dict[str, tuple[str, ...]] = {
     "resolve-config": (),
     "start-tracking": ("cpu",),
@@ -342,7 +342,8 @@ PLACEMENT: dict[str, tuple[str, ...]] = {
     "prepare": ("cpu", "data"),
     "data-check": ("cpu",),
     "starting-model": ("cpu",),
-    "contexts": ("gpu", "sandbox-label"),
+    "contexts": ("gpu",),
+    "negatives": ("sandbox",),
     "shards": (),
     "rollout": ("gpu",),
     "gather": ("cpu",),
@@ -358,7 +359,6 @@ _PLACERS = {
     "gpu": _gpu,
     "cpu": _cpu,
     "sandbox": _sandbox_pod,
-    "sandbox-label": _sandbox_label,
     "data": _data,
     "train": _train,
 }
@@ -491,12 +491,14 @@ def training_rounds(cfg, prepared, run, *, num_shards, rounds: int, launch, sett
     the last round's gathered scores task)."""
     start = starting_model_op(config=cfg, run_id=run.outputs["run_id"])
     place(start, "starting-model", "Starting model (champion or base)", settings)
-    ctx = place(
+    draft = place(
         contexts_op(config=cfg, prepared=prepared),
         "contexts",
-        "Auxiliary contexts + negatives",
+        "Auxiliary contexts + negative candidates",
         settings,
     )
+    ctx = negatives_op(config=cfg, prepared=prepared, draft=draft.outputs["draft"])
+    place(ctx, "negatives", "Check negatives (sandbox)", settings)
     shards = place(shard_indices_op(num_shards=num_shards), "shards", "Shards", settings)
     student, scores = start.outputs["model"], None  # round 0: the champion's weights or the base
     for r in range(rounds):

@@ -9,7 +9,7 @@ How (what plays the part of what):
                    IR's own (`sh -ec … python3 -m kfp.dsl.executor_main …`)
   the pod          PodTaskHandler below: a fresh process, cwd an empty folder, TMPDIR/HOME private; its env is
                    ONLY its image's ENV (parsed from docker/train.Dockerfile, docker/sandbox.Dockerfile for
-                   the grade pods), the IR container env,
+                   the grade and negatives pods), the IR container env,
                    and the IR's kubernetes platform spec (secretAsEnv from the test's "Secrets"; pvcMount →
                    a local folder per claim, paths under the mount rewritten to it; fieldPathAsEnv from the
                    pod's labels, i.e. the run's Argo workflow name); nothing of this process
@@ -253,14 +253,13 @@ def test_compiled_pipeline_runs_component_by_component_as_pods(tmp_path, monkeyp
             else:
                 assert not data_env, pod["function"]
 
-        # model-written code ran only in the grade pods, one per benchmark and model, in the sandbox image's env
-        grades = [p for p in launched if p["function"] == "grade_op"]
-        assert len(grades) == 4 and {p["image"] for p in grades} == {image("sandbox")}
-        assert {p["image"] for p in launched if p["function"] != "grade_op"} == {
-            image("train"),
-            image("rollout"),
-        }
-        assert all(p["env"]["PYTHONPATH"].endswith(PodTaskHandler.rewrite[IMAGE_CODE]) for p in grades)
+        # model-written code ran only in the sandbox image's pods: negatives (once) and grade (per benchmark
+        # and model), with that image's env
+        sandboxed = [p for p in launched if p["function"] in ("grade_op", "negatives_op")]
+        assert sorted(p["function"] for p in sandboxed) == ["grade_op"] * 4 + ["negatives_op"]
+        assert {p["image"] for p in sandboxed} == {image("sandbox")}
+        assert {p["image"] for p in launched if p not in sandboxed} == {image("train"), image("rollout")}
+        assert all(p["env"]["PYTHONPATH"].endswith(PodTaskHandler.rewrite[IMAGE_CODE]) for p in sandboxed)
 
         # prepare read the built-ins from the bucket (there is no other copy in the pods' reach)
         (sources_file,) = (tmp_path / "root").glob("**/prepared/snapshot/sources.json")

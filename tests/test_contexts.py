@@ -19,6 +19,7 @@ from unisd.contexts import (
     ContextsConfig,
     bm25_matrix,
     build_view_texts,
+    check_negatives,
     fallback_negative,
     judge_candidate,
     nearest_neighbours,
@@ -357,6 +358,37 @@ def test_same_config_gives_identical_output_and_finished_runs_are_skipped(
 
 
 @needs_data
+def test_the_negatives_stage_alone_reproduces_the_contexts_without_a_model(
+    random_run, prepared, tmp_path, monkeypatch
+):
+    """The negatives stage (judging: code candidates run in the sandbox) needs only the prepared items and the
+    contexts stage's draft — candidates and the saved tokenizer — so a cluster runs it in the sandbox pod."""
+    cfg, out, manifest = random_run
+    assert sorted(p.name for p in (out / "draft").iterdir()) == [
+        "candidates.jsonl",
+        "dropped.jsonl",
+        "manifest.json",
+        "tokenizer",
+        "views.jsonl",
+    ]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the negatives stage loaded a model")
+
+    monkeypatch.setattr("unisd.models.load_model", no_model)
+    again = check_negatives(
+        cfg, model_spec="tiny:llama", prepared_dir=prepared, draft_dir=out / "draft", out_dir=tmp_path
+    )
+    for name in ("contexts.jsonl", "negative_candidates.jsonl", "dropped.jsonl", "report.md"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+    assert again["counts"] == manifest["counts"]
+    code_verdicts = [
+        c for c in read_jsonl(tmp_path / "negative_candidates.jsonl") if c["id"].startswith("mbpp")
+    ]
+    assert code_verdicts and all(c["validated"] in (True, None) or not c["valid"] for c in code_verdicts)
+
+
+@needs_data
 def test_length_limits_drop_and_report(random_run, prepared, tiny_llama, tmp_path):
     cfg, out, _ = random_run
     rows = read_jsonl(out / "contexts.jsonl")
@@ -391,7 +423,7 @@ def test_induced_pool_is_shared_prefixed_and_reused_on_restart(prepared, records
     first = run_contexts(
         cfg, model_spec="tiny:llama", prepared_dir=prepared, out_dir=tmp_path, model=model, tokenizer=tok
     )
-    pool_file = tmp_path / "induced_pool.json"
+    pool_file = tmp_path / "draft" / "induced_pool.json"  # the contexts stage's (run_contexts: OUT/draft/)
     pool = read_json(pool_file)
     assert first["counts"]["induced_pool_reused"] is False
     assert {e["benchmark"] for e in pool["entries"]} == {"mbpp", "commonsenseqa"}
@@ -414,7 +446,7 @@ def test_induced_pool_is_shared_prefixed_and_reused_on_restart(prepared, records
     for e in pool["entries"]:
         e["instruction"] = f"REUSED-{e['index']}: answer in the requested format."
     write_json(pool_file, pool)
-    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "draft" / "manifest.json").unlink()
     second = run_contexts(
         cfg, model_spec="tiny:llama", prepared_dir=prepared, out_dir=tmp_path, model=model, tokenizer=tok
     )

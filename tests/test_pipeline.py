@@ -95,27 +95,26 @@ def test_gpu_requests_tolerations_secrets_and_sandbox_label(compiled):
     assert {s["secretName"] for s in train["secretAsEnv"]} == {"unisd-mlflow-auth"}
     assert train["pvcMount"][0]["constant"] == "unisd-cache"  # manifests/base: the model cache PVC
     assert any(m["mountPath"] == "/dev/shm" for m in train.get("emptyDirMounts", []))
-    # Model-written code runs only in the grade pods: sandbox image, sandbox label (egress denied), non-root,
-    # no volume, no credentials, no GPU. The eval pods (GPU, model cache) run none of it.
+    # Model-written code runs only in the grade and negatives pods: sandbox image, sandbox label (egress
+    # denied), non-root, no volume, no credentials, no GPU. The eval and contexts pods (GPU, model cache) run
+    # none of it.
     executors = spec["deploymentSpec"]["executors"]
-    grades = {k: v for k, v in k8s.items() if "grade-op" in k}
-    assert len(grades) == 2 and not any("eval-op" in k and "podMetadata" in v for k, v in k8s.items())
-    for label, pod in grades.items():
+    sandboxed = {k: v for k, v in k8s.items() if "grade-op" in k or "negatives-op" in k}
+    assert len(sandboxed) == 3 and not any("podMetadata" in v for k, v in k8s.items() if k not in sandboxed)
+    for label, pod in sandboxed.items():
         assert pod["podMetadata"]["labels"] == {
             "unisd.ai/sandbox": "true",
             "unisd.ai/sandbox-kfp-launcher": "true",
         }
-        assert pod["securityContext"] == {
-            "runAsUser": "10001",
-            "runAsGroup": "10001",
-            "runAsNonRoot": True,
-        }  # int64: a JSON string
+        assert pod["securityContext"] == {"runAsUser": "10001", "runAsGroup": "10001", "runAsNonRoot": True}
         assert not {"pvcMount", "secretAsEnv", "emptyDirMounts", "fieldPathAsEnv"} & set(pod), label
         container = executors[label]["container"]
         assert container["image"] == image("sandbox") and "accelerator" not in container.get("resources", {})
-        assert not any(
-            e["name"] == "UNISD_SANDBOX_BACKEND" for e in container.get("env", [])
-        )  # auto: fail closed
+        assert not any(e["name"] == "UNISD_SANDBOX_BACKEND" for e in container.get("env", []))  # fail closed
+    assert {e["container"]["image"] for k, e in executors.items() if k not in sandboxed} <= {
+        image("train"),
+        image("rollout"),
+    }
     evals = [v for k, v in k8s.items() if "eval-op" in k]
     assert len(evals) == 2 and all(v["pvcMount"][0]["constant"] == "unisd-cache" for v in evals)
     # Credentials only as secret references: no container env var with a secret-like name has a value.
@@ -148,8 +147,8 @@ def test_cluster_settings_come_from_the_settings_configmap_env(tmp_path, monkeyp
     )
 
 
-def test_the_sandbox_backend_setting_reaches_only_the_grade_pods(tmp_path, monkeypatch, capsys):
-    """UNISD_SANDBOX_BACKEND=rlimit (the pod is the boundary) is for the hardened grade pods only; a value the
+def test_the_sandbox_backend_setting_reaches_only_the_sandbox_pods(tmp_path, monkeypatch, capsys):
+    """UNISD_SANDBOX_BACKEND=rlimit (the pod is the boundary) is for the hardened grade/negatives pods only; a value the
     sandbox does not know is refused at compile time, naming the setting."""
     monkeypatch.setenv("UNISD_SANDBOX_BACKEND", "rlimit")
     out = tmp_path / "p.yaml"
@@ -159,7 +158,9 @@ def test_the_sandbox_backend_setting_reaches_only_the_grade_pods(tmp_path, monke
         label: {e["name"]: e["value"] for e in ex["container"].get("env", [])}.get("UNISD_SANDBOX_BACKEND")
         for label, ex in spec["deploymentSpec"]["executors"].items()
     }
-    assert {k for k, v in backend.items() if v} == {k for k in backend if "grade-op" in k}
+    assert {k for k, v in backend.items() if v} == {
+        k for k in backend if "grade-op" in k or "negatives-op" in k
+    }
     assert set(v for v in backend.values() if v) == {"rlimit"}
     monkeypatch.setenv("UNISD_SANDBOX_BACKEND", "none")
     assert main(["compile", "--output", str(out)]) != 0

@@ -80,7 +80,13 @@ def _by_components(config: Path, out: Path, resolved: Path) -> None:
     cfg = dsl.Artifact(uri=str(resolved))
     stages.prepare_op.python_func(config=cfg, prepared=art(dsl.Dataset, "prepared"))
     stages.contexts_op.python_func(
-        config=cfg, prepared=art(dsl.Dataset, "prepared"), contexts=art(dsl.Dataset, "contexts")
+        config=cfg, prepared=art(dsl.Dataset, "prepared"), draft=art(dsl.Dataset, "contexts/draft")
+    )
+    stages.negatives_op.python_func(
+        config=cfg,
+        prepared=art(dsl.Dataset, "prepared"),
+        draft=art(dsl.Dataset, "contexts/draft"),
+        contexts=art(dsl.Dataset, "contexts"),
     )
     stages.rollout_op.python_func(
         config=cfg,
@@ -129,6 +135,8 @@ def _by_components(config: Path, out: Path, resolved: Path) -> None:
 PAYLOADS = [
     "prepared/train.jsonl",
     "prepared/eval/commonsenseqa.jsonl",
+    "contexts/draft/views.jsonl",
+    "contexts/draft/candidates.jsonl",
     "contexts/contexts.jsonl",
     "contexts/negative_candidates.jsonl",
     "rollout/completions.jsonl",
@@ -174,7 +182,16 @@ def test_every_stage_skips_an_unchanged_rerun_and_reruns_a_changed_one(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
     _by_cli(config, out)
-    stage_dirs = ["prepared", "contexts", "rollout", "scores", "train", "eval/samples", "eval"]
+    stage_dirs = [
+        "prepared",
+        "contexts/draft",
+        "contexts",
+        "rollout",
+        "scores",
+        "train",
+        "eval/samples",
+        "eval",
+    ]
     manifests = {d: (out / d / "manifest.json").read_text() for d in stage_dirs}
     _by_cli(config, out)  # unchanged: every stage returns its finished manifest, untouched
     assert {d: (out / d / "manifest.json").read_text() for d in stage_dirs} == manifests

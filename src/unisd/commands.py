@@ -1,4 +1,4 @@
-"""Stage subcommands: `unisd prepare|contexts|rollout|score|train|eval|grade`, each one library call.
+"""Stage subcommands: `unisd prepare|contexts|negatives|rollout|score|train|eval|grade`, each one library call.
 
 Every stage takes `--config <run config YAML>` (default configs/demo.yaml) plus `key.sub=value` overrides,
 and directories for its inputs and output — the same directories KFP passes as artifact paths.
@@ -74,11 +74,33 @@ def cmd_prepare(args):
     return _print(pipeline_steps.prepare(_load(args), args.out))
 
 
-@command("contexts", "K auxiliary contexts per item + negative demonstrations", _stage_args("prepared"))
+@command(
+    "contexts",
+    "K auxiliary contexts per item + negative demonstrations: the contexts stage (views, the model's "
+    "candidates; into OUT/draft/) then the negatives stage (candidates judged, code in the sandbox)",
+    _stage_args("prepared"),
+)
 def cmd_contexts(args):
     from unisd import pipeline_steps
 
-    return _print(pipeline_steps.contexts(_load(args), args.prepared, args.out))
+    cfg, draft = _load(args), str(Path(args.out) / "draft")
+    pipeline_steps.contexts(cfg, args.prepared, draft)
+    return _print(pipeline_steps.negatives(cfg, args.prepared, draft, args.out))
+
+
+@command(
+    "negatives",
+    "the negatives stage alone: judge a contexts stage's candidates (--draft: its output folder)",
+    _stage_args("prepared", "draft"),
+)
+def cmd_negatives(args):
+    from unisd import pipeline_steps
+
+    if not args.draft:
+        raise ValueError(
+            "--draft: the contexts stage's output folder (views.jsonl, candidates.jsonl) is required"
+        )
+    return _print(pipeline_steps.negatives(_load(args), args.prepared, args.draft, args.out))
 
 
 @command(

@@ -2,7 +2,8 @@
 a round run by hand computes exactly what the pipeline computes.
 
     prepare(cfg, out_dir)                                              benchmarks → records
-    contexts(cfg, prepared_dir, out_dir)                               K views + negatives (skipped if unused)
+    contexts(cfg, prepared_dir, out_dir)                               K views + negative candidates (skipped if unused)
+    negatives(cfg, prepared_dir, draft_dir, out_dir)                   judged negatives → contexts.jsonl (runs model code)
     rollout(cfg, prepared_dir, out_dir, shard, num_shards, student)    student completions
     score(cfg, prepared_dir, contexts_dir, rollouts, out_dir, shard, num_shards, student)
                                                                        K-view log-probs (skipped if unused)
@@ -176,12 +177,31 @@ def prepare(cfg: RunConfig, out_dir: str) -> dict:
 
 
 def contexts(cfg: RunConfig, prepared_dir: str, out_dir: str) -> dict:
-    from unisd.contexts import run_contexts
+    """Contexts stage: K views per item and the model's negative candidates, not yet judged (a draft that
+    `negatives` completes). Runs no model-written code."""
+    from unisd.contexts import write_contexts
 
     if not cfg.needs_contexts:
-        return _skipped(out_dir, "contexts", "objective uses no contexts", {"contexts.jsonl": []})
-    return run_contexts(
+        return _skipped(out_dir, "contexts", "objective uses no contexts", {"views.jsonl": []})
+    return write_contexts(
         cfg.contexts_config(), model_spec=cfg.model, prepared_dir=prepared_dir, out_dir=out_dir
+    )
+
+
+def negatives(cfg: RunConfig, prepared_dir: str, draft_dir: str, out_dir: str) -> dict:
+    """Negatives stage: the candidates judged by their task kind (code: run against the tests in the
+    sandbox), one negative per item, the final contexts.jsonl. Loads no model; on a cluster it runs in the
+    sandbox pod, like grade."""
+    from unisd.contexts import check_negatives
+
+    if not cfg.needs_contexts:
+        return _skipped(out_dir, "negatives", "objective uses no contexts", {"contexts.jsonl": []})
+    return check_negatives(
+        cfg.contexts_config(),
+        model_spec=cfg.model,
+        prepared_dir=prepared_dir,
+        draft_dir=draft_dir,
+        out_dir=out_dir,
     )
 
 

@@ -27,9 +27,11 @@ the gold one; code — the code fails the item's tests in the sandbox; tool use 
 the gold calls. One acceptable candidate per item is drawn with a fixed seed; when none is acceptable, the
 task kind's deterministic corruption of the gold answer is used instead (`"source": "fallback"`).
 
-The stage, in the order `run_contexts` runs it: `retrieval` (donors and neighbours) / `induced`
-(instruction pool) → `views` (context texts → token ids, length limits) → `negatives` (generate → judge →
-choose) → contexts.jsonl + report.
+Two stages, so that only the second runs model-written code: `write_contexts` (`retrieval` donors and
+neighbours / `induced` instruction pool → `views`: context texts → token ids, length limits → the model's
+negative candidates; into a draft folder) and `check_negatives` (judge → choose → encode → contexts.jsonl +
+report). `run_contexts` runs both in one process (CLI, experiments: the draft in `out_dir/draft/`); the
+pipeline runs them in two pods, the negatives pod in the sandbox image with no shared volume, like grade.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from unisd.artifacts import begin_stage, read_jsonl, write_jsonl, write_text
+from unisd.artifacts import begin_stage, read_json, read_jsonl, write_jsonl, write_text
 from unisd.config import StrictModel
 from unisd.contexts.induced import (
     build_induced_pool,
@@ -78,6 +80,7 @@ __all__ = [
     "bm25_matrix",
     "build_induced_pool",
     "build_view_texts",
+    "check_negatives",
     "choose_negative",
     "clean_instruction",
     "draw_induced",
@@ -93,6 +96,7 @@ __all__ = [
     "retrieval_text",
     "retrieve",
     "run_contexts",
+    "write_contexts",
 ]
 
 
@@ -159,16 +163,37 @@ def run_contexts(
     model=None,
     tokenizer=None,
 ) -> dict:
-    """Contexts stage: K auxiliary views + a negative demonstration per item of `prepared_dir/train.jsonl`.
+    """Both stages in this process: contexts into `out_dir/draft/`, then negatives into `out_dir` (the final
+    contexts.jsonl). The CLI and experiments use this; the pipeline runs the two in two pods."""
+    draft = Path(out_dir) / "draft"
+    write_contexts(
+        cfg, model_spec=model_spec, prepared_dir=prepared_dir, out_dir=draft, model=model, tokenizer=tokenizer
+    )
+    return check_negatives(
+        cfg, model_spec=model_spec, prepared_dir=prepared_dir, draft_dir=draft, out_dir=out_dir
+    )
 
-    Writes contexts.jsonl, dropped.jsonl, negative_candidates.jsonl, induced_pool.json (induced only),
-    report.md and manifest.json to `out_dir`; skipped when a manifest with the same inputs exists."""
+
+def write_contexts(
+    cfg: ContextsConfig,
+    *,
+    model_spec: str,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    model=None,
+    tokenizer=None,
+) -> dict:
+    """Contexts stage: K auxiliary views per item of `prepared_dir/train.jsonl`, and the model's negative
+    candidates, not yet judged (judging a code candidate runs it: `check_negatives` does that). Runs no
+    model-written code.
+
+    Writes views.jsonl ({id, views}), candidates.jsonl ({id, strategy, raw}), dropped.jsonl, tokenizer/ (what
+    the negatives stage encodes with), induced_pool.json (induced only) and manifest.json to `out_dir`;
+    skipped when a manifest with the same inputs exists."""
     from unisd.models import load_model, load_tokenizer
 
     out_dir = Path(out_dir)
-    train_file = Path(prepared_dir) / "train.jsonl"
-    if not train_file.exists():
-        raise FileNotFoundError(f"{train_file} does not exist (run the prepare stage first)")
+    train_file = _train_file(prepared_dir)
     retriever, model_dir = (
         pick_retriever(cfg.retriever, cfg.embedding_model_dir) if cfg.kind == "retrieval" else (None, None)
     )
@@ -211,47 +236,110 @@ def run_contexts(
         texts = context_texts(cfg, by_benchmark, retriever=retriever or "", model_dir=model_dir, pool=pool)
     with timer("encode"):
         kept, views_of, dropped = encode_views(cfg, records, texts, tokenizer)
-    negatives, candidates = {}, []
+    generated = []
     if cfg.negatives and kept:
         with timer("negatives_generate"):
             generated = generate_candidates(kept, cfg, model=get_model(), tokenizer=tokenizer)
-        with timer("negatives_validate"):
+    write_jsonl(out_dir / "views.jsonl", [{"id": rec.id, "views": views_of[rec.id]} for rec in kept])
+    write_jsonl(
+        out_dir / "candidates.jsonl", [{"id": r.id, "strategy": s, "raw": raw} for r, s, raw in generated]
+    )
+    write_jsonl(out_dir / "dropped.jsonl", dropped)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    counts = {
+        "items": len(records),
+        "kept": len(kept),
+        "dropped": len(dropped),
+        "retriever": retriever,
+        "induced_pool": len(pool) if pool is not None else None,
+        "induced_pool_reused": pool_reused if pool is not None else None,
+        "negative_candidates": len(generated),
+    }
+    return stage.finish(counts=counts)
+
+
+def check_negatives(
+    cfg: ContextsConfig,
+    *,
+    model_spec: str,
+    prepared_dir: str | Path,
+    draft_dir: str | Path,
+    out_dir: str | Path,
+) -> dict:
+    """Negatives stage: judge every candidate of the contexts stage by its task kind (code: it must fail the
+    item's tests in the sandbox), choose one per item or the task kind's fallback, encode its negative-teacher
+    prompt. Loads no model: on a cluster it runs in the sandbox pod, like grade.
+
+    Writes the final contexts.jsonl, dropped.jsonl, negative_candidates.jsonl, report.md, manifest.json."""
+    from unisd.models import load_tokenizer
+
+    out_dir, draft_dir = Path(out_dir), Path(draft_dir)
+    train_file = _train_file(prepared_dir)
+    views_file, candidates_file = draft_dir / "views.jsonl", draft_dir / "candidates.jsonl"
+    draft_inputs = [views_file, candidates_file, draft_dir / "dropped.jsonl", draft_dir / "tokenizer"]
+    stage = begin_stage(
+        "negatives",
+        out_dir,
+        config={**cfg.model_dump(), "model": model_spec},
+        inputs=[train_file, *draft_inputs],
+    )
+    if stage.done:
+        log.info("negatives already complete in %s", out_dir)
+        return stage.done
+    records = {rec.id: rec for rec in load_records(train_file)}
+    views = read_jsonl(views_file)
+    kept = [records[row["id"]] for row in views]
+    generated = [(records[c["id"]], c["strategy"], c["raw"]) for c in read_jsonl(candidates_file)]
+    dropped = read_jsonl(draft_dir / "dropped.jsonl")
+    negatives, candidates = {}, []
+    if cfg.negatives and kept:
+        with stage.timer("negatives_validate"):
+            tokenizer = load_tokenizer(str(draft_dir / "tokenizer"))
             negatives, candidates, too_long = pick_negatives(kept, generated, cfg, tokenizer)
         dropped += too_long
-        kept = [rec for rec in kept if rec.id in negatives]
-    if not kept:
+        views = [row for row in views if row["id"] in negatives]
+    write_jsonl(out_dir / "dropped.jsonl", dropped)
+    if not views:
         raise ValueError(
             f"no training items left after the length limits ({len(dropped)} dropped); see {out_dir / 'dropped.jsonl'}"
         )
-    out_rows = [{"id": rec.id, "views": views_of[rec.id], "negative": negatives.get(rec.id)} for rec in kept]
+    out_rows = [
+        {"id": row["id"], "views": row["views"], "negative": negatives.get(row["id"])} for row in views
+    ]
     write_jsonl(out_dir / "contexts.jsonl", out_rows)
-    write_jsonl(out_dir / "dropped.jsonl", dropped)
     write_jsonl(out_dir / "negative_candidates.jsonl", candidates)
     counts = summary_counts(
-        cfg, records, out_rows, dropped, candidates, retriever=retriever, pool=pool, pool_reused=pool_reused
+        cfg, out_rows, dropped, candidates, draft=read_json(draft_dir / "manifest.json")["counts"]
     )
     _write_report(out_dir, model_spec, cfg, counts, dropped, candidates)
     log.info("contexts: %s", counts)
     return stage.finish(counts=counts)
 
 
-def summary_counts(
-    cfg, records, out_rows, dropped, candidates, *, retriever, pool, pool_reused
-) -> dict[str, Any]:
+def _train_file(prepared_dir: str | Path) -> Path:
+    train_file = Path(prepared_dir) / "train.jsonl"
+    if not train_file.exists():
+        raise FileNotFoundError(f"{train_file} does not exist (run the prepare stage first)")
+    return train_file
+
+
+def summary_counts(cfg, out_rows, dropped, candidates, *, draft: dict[str, Any]) -> dict[str, Any]:
+    """The stage's counts: items kept and dropped, shared context groups, and how the negatives were chosen
+    (`draft`: the contexts stage's counts)."""
     negatives = [r["negative"] for r in out_rows if r["negative"] is not None]
     shared = Counter(v["context_id"] for r in out_rows for v in r["views"] if v["context_id"] is not None)
     valid = sum(1 for c in candidates if c["valid"])
     return {
-        "items": len(records),
+        "items": draft["items"],
         "kept": len(out_rows),
         "dropped": len(dropped),
         "num_views": cfg.num_views,
         "kind": cfg.kind,
-        "retriever": retriever,
+        "retriever": draft["retriever"],
         "context_groups": sum(1 for c in shared.values() if c > 1),
         "rows_in_shared_groups": sum(c for c in shared.values() if c > 1),
-        "induced_pool": len(pool) if pool is not None else None,
-        "induced_pool_reused": pool_reused if pool is not None else None,
+        "induced_pool": draft["induced_pool"],
+        "induced_pool_reused": draft["induced_pool_reused"],
         "negative_candidates": len(candidates),
         "negative_candidates_valid": valid,
         "negative_candidate_validity": valid / len(candidates) if candidates else None,
