@@ -10,7 +10,7 @@
 #       lines with an executor input, and podman runs them (data and the SmolLM2 cache mounted read-only);
 #   (c) the grade component -- the one pipeline step that runs model-written code -- inside the sandbox
 #       image as compiled, like its pod: no volume but the artifacts, no network, non-root, read-only root,
-#       on three hand-written MBPP answers (gold, wrong, hostile: scripts/grade_check_samples.py).
+#       on hand-written MBPP answers (gold, wrong, hostile, gold…: scripts/grade_check_samples.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/podman-env.sh
@@ -67,9 +67,9 @@ out = pathlib.Path(sys.argv[1])
 results = json.loads((out / "grade-op" / "results" / "results.json").read_text())
 scores = [row["score"] for row in results["per_item"]]
 sandbox = results.get("sandbox") or {}
-print(f"-- grade-op: scores gold/wrong/hostile = {scores}; sandbox: {json.dumps(sandbox)}")
+print(f"-- grade-op: scores gold, wrong, hostile, gold… = {scores}; sandbox: {json.dumps(sandbox)}")
 escaped = sorted(str(p) for p in out.rglob("PWNED*"))
-assert scores == [1.0, 0.0, 0.0], scores
+assert scores == [1.0, 0.0, 0.0] + [1.0] * (len(scores) - 3), scores
 assert not escaped, f"the hostile answer wrote {escaped}"
 print("-- grade-op: the hostile answer scored 0 and wrote nothing outside its sandbox")
 PYEOF

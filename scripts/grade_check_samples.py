@@ -1,7 +1,7 @@
-"""Write an eval stage's output by hand for `make images-check` (c): three MBPP answers of the prepared split
--- the gold program, a wrong one, and a hostile one that tries to leave the sandbox (writes outside its
-workdir, opens a socket, exits before the tests can fail) -- so the grade component can run in the sandbox
-image on them.
+"""Write an eval stage's output by hand for `make images-check` (c): an answer per MBPP item of the prepared
+split -- the gold program, a wrong one, a hostile one that tries to leave the sandbox (writes outside its
+workdir, opens a socket, exits before the tests can fail), then gold programs -- so the grade component can
+run in the sandbox image on them.
 
     python scripts/grade_check_samples.py PREPARED_DIR OUT_DIR
 """
@@ -32,13 +32,20 @@ os._exit(0)  # leave before the tests run: must count as a failure, not a pass
 
 
 def main(prepared: str, out: str) -> None:
-    records = load_eval_records(eval_source(prepared, "mbpp"), 3)
-    gold = tasks.of(records[0]).gold_completion(records[0])
+    records = load_eval_records(
+        eval_source(prepared, "mbpp"), None
+    )  # the whole split: grade scores all of it
     wrong = "```python\ndef nothing():\n    return None\n```"
-    rows = [{"id": r.id, "samples": [s], "finished": True} for r, s in zip(records, (gold, wrong, HOSTILE))]
+    answers = [tasks.of(r).gold_completion(r) for r in records]
+    answers[1:3] = [wrong, HOSTILE]  # gold, wrong, hostile, then gold for the rest
+    rows = [{"id": r.id, "samples": [a], "finished": True} for r, a in zip(records, answers)]
     write_jsonl(Path(out) / SAMPLES_FILE, rows)
-    write_json(Path(out) / MEASURES_FILE, {"benchmark": "mbpp", "model": "hand-written answers", "role": "adapted"})
-    print(f"wrote {len(rows)} answers (gold, wrong, hostile) for {[r.id for r in records]} to {out}")
+    write_json(
+        Path(out) / MEASURES_FILE, {"benchmark": "mbpp", "model": "hand-written answers", "role": "adapted"}
+    )
+    print(
+        f"wrote {len(rows)} answers (gold, wrong, hostile, then gold) for {[r.id for r in records]} to {out}"
+    )
 
 
 if __name__ == "__main__":

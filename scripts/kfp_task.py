@@ -43,9 +43,13 @@ def task_argv(
         if name in params:
             values[name] = params[name]
         elif "componentInputParameter" in source:
-            values[name] = params.get(
-                source["componentInputParameter"], defaults[source["componentInputParameter"]]
-            )
+            # a sub-DAG (ExitHandler) hands a pipeline parameter down as "pipelinechannel--<name>"
+            root_name = source["componentInputParameter"].removeprefix("pipelinechannel--")
+            if root_name not in defaults and root_name not in params:
+                raise SystemExit(
+                    f"{task}: parameter {name} comes from the enclosing DAG; pass --param {name}=JSON"
+                )
+            values[name] = params.get(root_name, defaults.get(root_name))
         elif "runtimeValue" in source:
             values[name] = source["runtimeValue"]["constant"]
         else:

@@ -61,8 +61,10 @@ def make_artifacts(root, n_items=8, k=3, seed=0, empty_ids=()):
     write_jsonl(root / "prepared" / "train.jsonl", prepared)
     write_jsonl(root / "contexts" / "contexts.jsonl", contexts)
     write_jsonl(root / "rollout" / "completions.jsonl", rollouts)
-    for stage, folder in (("prepare", "prepared"), ("contexts", "contexts"), ("rollout", "rollout")):
-        write_json(root / folder / "manifest.json", {"stage": stage})  # what `unisd train` checks at the door
+    for stage, folder in (("prepare", "prepared"), ("negatives", "contexts"), ("rollout", "rollout")):
+        write_json(
+            root / folder / "manifest.json", {"stage": stage}
+        )  # what `unisd train` checks (contexts.jsonl: the negatives stage)
     return root / "prepared", root / "contexts", root / "rollout"
 
 

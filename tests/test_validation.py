@@ -322,6 +322,29 @@ def test_score_refuses_rollouts_that_cover_only_some_items(two_prepares, capsys)
     assert not (root / "score-part").exists()
 
 
+def test_the_contexts_draft_is_refused_where_the_final_contexts_belong(two_prepares, capsys, tmp_path):
+    """`unisd contexts --out C` writes the contexts stage's draft into C/draft and the final contexts (the
+    negatives stage's) into C: score and train take C; the draft is refused, saying which folder to pass."""
+    root, overrides = two_prepares
+    assert json.loads((root / "ctx-a" / "manifest.json").read_text())["stage"] == "negatives"
+    assert json.loads((root / "ctx-a" / "draft" / "manifest.json").read_text())["stage"] == "contexts"
+    code, lines, _ = run_cli(
+        capsys, "score", "--model", "tiny:llama", "--prepared", str(root / "prep-a"), "--contexts",
+        str(root / "ctx-a" / "draft"), "--rollouts", str(root / "roll-a"), "--out", str(tmp_path / "s"), *overrides,
+    )  # fmt: skip
+    assert code == 2 and error_line(lines) == (
+        f"unisd score: error: --contexts {root / 'ctx-a' / 'draft'} is a contexts output, not a negatives output: "
+        "pass the folder `unisd contexts --out` wrote, not its draft/ folder"
+    )
+    code, lines, _ = run_cli(
+        capsys, "negatives", "--model", "tiny:llama", "--prepared", str(root / "prep-a"), "--draft",
+        str(root / "ctx-a"), "--out", str(tmp_path / "n"), *overrides,
+    )  # fmt: skip
+    assert code == 2 and error_line(lines) == (
+        f"unisd negatives: error: --draft {root / 'ctx-a'} is a negatives output, not a contexts output"
+    )
+
+
 def test_input_folders_of_the_wrong_kind_or_unfinished(two_prepares, capsys, tmp_path):
     root, overrides = two_prepares
 

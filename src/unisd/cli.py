@@ -401,7 +401,7 @@ def _load_stage_commands() -> None:
                 raise
 
 
-STAGE_COMMANDS = ("prepare", "contexts", "rollout", "score", "train", "eval")
+STAGE_COMMANDS = ("prepare", "contexts", "negatives", "rollout", "score", "train", "eval", "grade")
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
@@ -452,8 +452,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name, stage in (
         ("prepared", "prepare"),
         ("contexts", "contexts"),
+        ("draft", "draft"),
         ("rollouts", "rollout"),
         ("scores", "score"),
+        ("samples", "samples"),
     ):
         value = getattr(args, name, None)
         if value:

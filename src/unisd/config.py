@@ -229,14 +229,20 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> None:
         raise InputError(f"{flag} {path}: {parent} is not writable")
 
 
-# what each stage's output folder holds (its manifest's `stage`, the payload file of a finished stage)
+# what each stage's output folder holds (its manifest's `stage`, the payload file of a finished stage).
+# A "contexts" folder is the final one (`unisd contexts --out`: written by the negatives stage); "draft" is
+# the contexts stage's own (OUT/draft/), "samples" the eval stage's (OUT/samples/).
 STAGE_FOLDERS = {
     "prepare": ("prepare", "train.jsonl"),
-    "contexts": ("contexts", "contexts.jsonl"),
+    "contexts": ("negatives", "contexts.jsonl"),
+    "draft": ("contexts", "views.jsonl"),
     "rollout": ("rollout", "completions.jsonl"),
     "score": ("score", None),
     "train": ("train", None),
+    "samples": ("eval", "samples.jsonl"),
 }
+# the command whose --out holds a folder of that kind (for the refusal messages)
+_WRITTEN_BY = {"draft": "contexts` (its draft/ folder", "samples": "eval` (its samples/ folder"}
 
 
 def check_stage_dir(path: str | Path, stage: str, flag: str) -> list[Path]:
@@ -246,10 +252,15 @@ def check_stage_dir(path: str | Path, stage: str, flag: str) -> list[Path]:
     from unisd.artifacts import MANIFEST, read_json
 
     path = Path(path).expanduser()
+    writer = (
+        f"the folder `unisd {_WRITTEN_BY[stage]})"
+        if stage in _WRITTEN_BY
+        else f"the folder `unisd {stage} --out` wrote"
+    )
     if not path.exists():
-        raise InputError(f"{flag} {path} does not exist: pass the folder `unisd {stage} --out` wrote")
+        raise InputError(f"{flag} {path} does not exist: pass {writer}")
     if not path.is_dir():
-        raise InputError(f"{flag} {path} is a file: pass the folder `unisd {stage} --out` wrote")
+        raise InputError(f"{flag} {path} is a file: pass {writer}")
     folders = sorted(p for p in path.glob("shard-*") if p.is_dir()) or [path]
     expected, payload = STAGE_FOLDERS[stage]
     for folder in folders:
@@ -261,7 +272,12 @@ def check_stage_dir(path: str | Path, stage: str, flag: str) -> list[Path]:
             )
         found = read_json(manifest_file).get("stage")
         if found != expected:
-            raise InputError(f"{flag} {folder} is a {found} output, not a {expected} output")
+            hint = (
+                f": pass {writer}, not its draft/ folder"
+                if (stage, found) == ("contexts", "contexts")
+                else ""
+            )
+            raise InputError(f"{flag} {folder} is a {found} output, not a {expected} output{hint}")
         if payload and not read_json(manifest_file).get("skipped") and not (folder / payload).is_file():
             raise InputError(f"{flag} {folder}: its manifest says finished, but {payload} is missing")
     return folders
