@@ -411,11 +411,7 @@ def run_scoring(
     if stage.done:
         return stage.done
     timer = stage.timer
-    prepared = {r["id"]: r for r in read_jsonl(train_file)}
-    contexts = {r["id"]: r for r in read_jsonl(ctx_file)}
-    completions = load_completions(rollout_dirs)
-    ids = sorted(i for i in completions if i in prepared)
-    ids = ids[slice(*shard_range(len(ids), cfg.num_shards, cfg.shard_index))]
+    prepared, contexts, completions, ids = _shard_inputs(cfg, train_file, ctx_file, rollout_dirs)
     with timer("load"):
         tokenizer = tokenizer or load_tokenizer(model_spec)
         model = model or load_model(model_spec)
@@ -425,22 +421,59 @@ def run_scoring(
     rows = [prepared[i] for i in ids]
     teacher, student = score_teacher_and_student(model, rows, ys, scorable, cfg, pad_id=pad_id, timer=timer)
     uncertainty = uncertainty_of(cfg, teacher, student, ys)
-    picked = select_for_budget([uncertainty[n] for n in scorable], cfg.budget) if scorable else set()
-    chosen = [scorable[j] for j in sorted(picked)]
+    chosen = _choose_for_views(uncertainty, scorable, cfg.budget)
     views_of = [contexts[i]["views"] for i in ids]
     with timer("views"):
         view_logps = score_chosen_views(model, views_of, ys, chosen, cfg, pad_id=pad_id)
     num_views = len(views_of[0]) if ids else 0
     tensors = pack_scores(ys, teacher, view_logps, num_views, uncertainty, objective)
+    _write_scores(out_dir, tensors, ids)
+    counts = _scoring_counts(cfg, ids, scorable, chosen, num_views, student, completions, tensors["weights"])
+    return stage.finish(counts=counts)
+
+
+def _shard_inputs(
+    cfg: ScoringConfig, train_file: Path, ctx_file: Path, rollout_dirs: Sequence[str | Path]
+) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict], list[str]]:
+    """Returns (prepared rows by id, contexts rows by id, completions by id, this shard's sorted item ids)."""
+    prepared = {r["id"]: r for r in read_jsonl(train_file)}
+    contexts = {r["id"]: r for r in read_jsonl(ctx_file)}
+    completions = load_completions(rollout_dirs)
+    ids = sorted(i for i in completions if i in prepared)
+    ids = ids[slice(*shard_range(len(ids), cfg.num_shards, cfg.shard_index))]
+    return prepared, contexts, completions, ids
+
+
+def _choose_for_views(uncertainty: Sequence[float], scorable: list[int], budget: float) -> list[int]:
+    """Returns the items (indices into the shard) that get the K-view re-scoring, in shard order."""
+    picked = select_for_budget([uncertainty[n] for n in scorable], budget) if scorable else set()
+    return [scorable[j] for j in sorted(picked)]
+
+
+def _write_scores(out_dir: Path, tensors: dict[str, torch.Tensor], ids: list[str]) -> None:
+    """Writes scores.safetensors (atomically) and ids.json to `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "scores.safetensors") as tmp:
         save_file(tensors, str(tmp))
     write_json(out_dir / "ids.json", ids)
+
+
+def _scoring_counts(
+    cfg: ScoringConfig,
+    ids: list[str],
+    scorable: list[int],
+    chosen: list[int],
+    num_views: int,
+    student: dict[int, list[float]],
+    completions: dict[str, dict],
+    weights: torch.Tensor,
+) -> dict:
+    """Returns the manifest counts: items, views scored, staleness against the rollout, weight range."""
+    # Staleness: how far the student's log-probs now are from the ones the rollout recorded.
     staleness = [
         abs(a - b) for n, lp in student.items() for a, b in zip(completions[ids[n]].get("logps", []), lp)
     ]
-    weights = tensors["weights"]
-    counts = {
+    return {
         "items": len(ids),
         "empty_completions": len(ids) - len(scorable),
         "scored_views": len(chosen),
@@ -452,7 +485,6 @@ def run_scoring(
         "weight_mean": float(weights.mean()) if weights.numel() else None,
         "weight_max": float(weights.max()) if weights.numel() else None,
     }
-    return stage.finish(counts=counts)
 
 
 def load_scores(dirs: Sequence[str | Path]) -> dict[str, dict[str, torch.Tensor]]:
