@@ -193,6 +193,24 @@ def score_views(
     by length. Returns one list of log-probs per row, in input order.
     """
     results: list[list[float] | None] = [None] * len(rows)
+    groups, plain = _group_rows(rows, prefix_cache)
+    batching = {"pad_id": pad_id, "batch_size": batch_size, "chunk_size": chunk_size}
+    bar = tqdm(total=len(rows), desc="scoring views", unit="row", disable=not progress)
+    for members in groups.values():
+        p_len = _group_prefix_len(rows, members)
+        if p_len < min_shared_prefix:
+            plain.extend(members)
+            continue
+        _score_group(model, rows, members, p_len, results, bar, **batching)
+    _score_plain(model, rows, plain, results, bar, **batching)
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _group_rows(
+    rows: Sequence[tuple[Sequence[int], Sequence[int], str | None]], prefix_cache: bool
+) -> tuple[dict[str, list[int]], list[int]]:
+    """Returns ({group key: row indices} for keys shared by ≥ 2 rows, the indices of every other row)."""
     groups: dict[str, list[int]] = defaultdict(list)
     plain: list[int] = []
     for i, (_, _, key) in enumerate(rows):
@@ -201,28 +219,59 @@ def score_views(
         if len(members) < 2:
             plain.extend(members)
             del groups[key]
-    bar = tqdm(total=len(rows), desc="scoring views", unit="row", disable=not progress)
-    for members in groups.values():
-        prompts = [rows[i][0] for i in members]
-        # Leave ≥1 prompt token in every suffix: it produces the hidden state predicting the first token.
-        p_len = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
-        if p_len < min_shared_prefix:
-            plain.extend(members)
-            continue
-        members = sorted(members, key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-        for b in range(0, len(members), batch_size):
-            chunk = members[b : b + batch_size]
-            scored = _score_rows_with_prefix(
-                model,
-                rows[chunk[0]][0][:p_len],
-                [rows[i][0][p_len:] for i in chunk],
-                [rows[i][1] for i in chunk],
-                pad_id=pad_id,
-                chunk_size=chunk_size,
-            )
-            for i, lp in zip(chunk, scored):
-                results[i] = lp
-            bar.update(len(chunk))
+    return groups, plain
+
+
+def _group_prefix_len(
+    rows: Sequence[tuple[Sequence[int], Sequence[int], str | None]], members: list[int]
+) -> int:
+    """Returns the length of the prompt prefix the group's rows share (at most the shortest prompt − 1)."""
+    prompts = [rows[i][0] for i in members]
+    # Leave ≥1 prompt token in every suffix: it produces the hidden state predicting the first token.
+    return min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+
+
+def _score_group(
+    model,
+    rows: Sequence[tuple[Sequence[int], Sequence[int], str | None]],
+    members: list[int],
+    p_len: int,
+    results: list[list[float] | None],
+    bar,
+    *,
+    pad_id: int,
+    batch_size: int,
+    chunk_size: int,
+) -> None:
+    """Fills `results` for a group's rows, scored by length against their shared `p_len`-token prefix."""
+    members = sorted(members, key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    for b in range(0, len(members), batch_size):
+        chunk = members[b : b + batch_size]
+        scored = _score_rows_with_prefix(
+            model,
+            rows[chunk[0]][0][:p_len],
+            [rows[i][0][p_len:] for i in chunk],
+            [rows[i][1] for i in chunk],
+            pad_id=pad_id,
+            chunk_size=chunk_size,
+        )
+        for i, lp in zip(chunk, scored):
+            results[i] = lp
+        bar.update(len(chunk))
+
+
+def _score_plain(
+    model,
+    rows: Sequence[tuple[Sequence[int], Sequence[int], str | None]],
+    plain: list[int],
+    results: list[list[float] | None],
+    bar,
+    *,
+    pad_id: int,
+    batch_size: int,
+    chunk_size: int,
+) -> None:
+    """Fills `results` for the `plain` rows (no usable shared prefix), batched by total length."""
     plain.sort(key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     for b in range(0, len(plain), batch_size):
         chunk = plain[b : b + batch_size]
@@ -236,8 +285,6 @@ def score_views(
         for i, (lp, _) in zip(chunk, scored):
             results[i] = lp
         bar.update(len(chunk))
-    bar.close()
-    return results  # type: ignore[return-value]
 
 
 def select_for_budget(uncertainty: Sequence[float], budget: float) -> set[int]:
