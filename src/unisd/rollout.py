@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -360,7 +360,7 @@ def run_rollout(
 
     Writes completions.jsonl (one Completion per item) and manifest.json; resumes from partial.jsonl.
     """
-    from unisd.models import load_model, load_tokenizer
+    from unisd.models import load_tokenizer
 
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     train_file = prepared_dir / "train.jsonl"
@@ -369,30 +369,14 @@ def run_rollout(
         log.info("rollout shard %d/%d already complete in %s", cfg.shard_index, cfg.num_shards, out_dir)
         return stage.done
     timer = stage.timer
-    items = read_jsonl(train_file)
-    start, end = shard_range(len(items), cfg.num_shards, cfg.shard_index)
-    items = items[start:end]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = (
-        progress_dir(out_dir, f"rollout-{stage.inputs_hash[:16]}") / "partial.jsonl"
-    )  # the cache PVC on a cluster
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    items, start, end = _shard_items(cfg, train_file)
+    partial = _partial_file(out_dir, stage.inputs_hash)
     done_rows = {r["id"]: r for r in resumable_rows(partial, stage.inputs_hash)}
     todo = [(start + i, it) for i, it in enumerate(items) if it["id"] not in done_rows]
     backend = pick_backend(cfg.backend)
     with timer("load"):
         tokenizer = tokenizer or load_tokenizer(model_spec)
-        if backend == "vllm":
-            from unisd.models import resolve_model_path
-
-            engine = VLLMRollout(resolve_model_path(model_spec), cfg)
-            decode = engine.generate
-        else:
-            model = model or load_model(model_spec)
-
-            def decode(prompts, *, first_index):
-                return generate(model, tokenizer, prompts, cfg, first_index=first_index)
-
+        decode = _decoder(cfg, backend, model_spec, tokenizer, model=model)
     log.info(
         "rollout: backend=%s, %d items (%d already done) in shard %d/%d",
         backend,
@@ -404,20 +388,65 @@ def run_rollout(
     with timer("generate"):
         append_completions(todo, decode, tokenizer, cfg.batch_size, partial, done_rows)
     rows = [done_rows[it["id"]] for it in items]
+    _write_completions(out_dir, rows, partial)
+    counts = _rollout_counts(cfg, rows, start, end, timer.timings)
+    return stage.finish(counts=counts, extra={"backend": backend})
+
+
+def _shard_items(cfg: RolloutConfig, train_file: Path) -> tuple[list[dict], int, int]:
+    """Returns (this shard's rows of train.jsonl, the shard's start index, its end index)."""
+    items = read_jsonl(train_file)
+    start, end = shard_range(len(items), cfg.num_shards, cfg.shard_index)
+    return items[start:end], start, end
+
+
+def _partial_file(out_dir: Path, inputs_hash: str) -> Path:
+    """Returns the partial.jsonl that keeps finished batches (creating `out_dir` and its folder)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The cache PVC on a cluster: a retried pod finds the finished batches there.
+    partial = progress_dir(out_dir, f"rollout-{inputs_hash[:16]}") / "partial.jsonl"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    return partial
+
+
+def _decoder(cfg: RolloutConfig, backend: str, model_spec: str, tokenizer, *, model=None) -> Callable:
+    """Returns decode(prompts, *, first_index) -> [(ids, finished, logps)] for the backend (loading its model)."""
+    from unisd.models import load_model
+
+    if backend == "vllm":
+        from unisd.models import resolve_model_path
+
+        engine = VLLMRollout(resolve_model_path(model_spec), cfg)
+        return engine.generate
+    model = model or load_model(model_spec)
+
+    def decode(prompts, *, first_index):
+        return generate(model, tokenizer, prompts, cfg, first_index=first_index)
+
+    return decode
+
+
+def _write_completions(out_dir: Path, rows: list[dict], partial: Path) -> None:
+    """Writes completions.jsonl, then removes the partial progress and its key (the shard is complete)."""
     write_jsonl(out_dir / "completions.jsonl", rows)
     partial.unlink(missing_ok=True)
     (partial.parent / PARTIAL_KEY).unlink(missing_ok=True)
+
+
+def _rollout_counts(
+    cfg: RolloutConfig, rows: list[dict], start: int, end: int, timings: dict[str, float]
+) -> dict:
+    """Returns the manifest counts: items, shard and range, tokens, empty and unfinished rows, throughput."""
     n_tokens = sum(len(r["completion_ids"]) for r in rows)
-    counts = {
+    return {
         "items": len(rows),
         "shard": [cfg.shard_index, cfg.num_shards],
         "range": [start, end],
         "completion_tokens": n_tokens,
         "empty": sum(1 for r in rows if not r["completion_ids"]),
         "no_eos": sum(1 for r in rows if not r["finished"]),
-        "tokens_per_s": round(n_tokens / max(timer.timings.get("generate", 0.0), 1e-9), 2),
+        "tokens_per_s": round(n_tokens / max(timings.get("generate", 0.0), 1e-9), 2),
     }
-    return stage.finish(counts=counts, extra={"backend": backend})
 
 
 PARTIAL_KEY = "partial.key"

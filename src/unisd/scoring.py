@@ -193,6 +193,24 @@ def score_views(
     by length. Returns one list of log-probs per row, in input order.
     """
     results: list[list[float] | None] = [None] * len(rows)
+    groups, plain = _group_rows(rows, prefix_cache)
+    batching = {"pad_id": pad_id, "batch_size": batch_size, "chunk_size": chunk_size}
+    bar = tqdm(total=len(rows), desc="scoring views", unit="row", disable=not progress)
+    for members in groups.values():
+        p_len = _group_prefix_len(rows, members)
+        if p_len < min_shared_prefix:
+            plain.extend(members)
+            continue
+        _score_group(model, rows, members, p_len, results, bar, **batching)
+    _score_plain(model, rows, plain, results, bar, **batching)
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _group_rows(
+    rows: Sequence[tuple[Sequence[int], Sequence[int], str | None]], prefix_cache: bool
+) -> tuple[dict[str, list[int]], list[int]]:
+    """Returns ({group key: row indices} for keys shared by ≥ 2 rows, the indices of every other row)."""
     groups: dict[str, list[int]] = defaultdict(list)
     plain: list[int] = []
     for i, (_, _, key) in enumerate(rows):
@@ -201,28 +219,59 @@ def score_views(
         if len(members) < 2:
             plain.extend(members)
             del groups[key]
-    bar = tqdm(total=len(rows), desc="scoring views", unit="row", disable=not progress)
-    for members in groups.values():
-        prompts = [rows[i][0] for i in members]
-        # Leave ≥1 prompt token in every suffix: it produces the hidden state predicting the first token.
-        p_len = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
-        if p_len < min_shared_prefix:
-            plain.extend(members)
-            continue
-        members = sorted(members, key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-        for b in range(0, len(members), batch_size):
-            chunk = members[b : b + batch_size]
-            scored = _score_rows_with_prefix(
-                model,
-                rows[chunk[0]][0][:p_len],
-                [rows[i][0][p_len:] for i in chunk],
-                [rows[i][1] for i in chunk],
-                pad_id=pad_id,
-                chunk_size=chunk_size,
-            )
-            for i, lp in zip(chunk, scored):
-                results[i] = lp
-            bar.update(len(chunk))
+    return groups, plain
+
+
+def _group_prefix_len(
+    rows: Sequence[tuple[Sequence[int], Sequence[int], str | None]], members: list[int]
+) -> int:
+    """Returns the length of the prompt prefix the group's rows share (at most the shortest prompt − 1)."""
+    prompts = [rows[i][0] for i in members]
+    # Leave ≥1 prompt token in every suffix: it produces the hidden state predicting the first token.
+    return min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+
+
+def _score_group(
+    model,
+    rows: Sequence[tuple[Sequence[int], Sequence[int], str | None]],
+    members: list[int],
+    p_len: int,
+    results: list[list[float] | None],
+    bar,
+    *,
+    pad_id: int,
+    batch_size: int,
+    chunk_size: int,
+) -> None:
+    """Fills `results` for a group's rows, scored by length against their shared `p_len`-token prefix."""
+    members = sorted(members, key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    for b in range(0, len(members), batch_size):
+        chunk = members[b : b + batch_size]
+        scored = _score_rows_with_prefix(
+            model,
+            rows[chunk[0]][0][:p_len],
+            [rows[i][0][p_len:] for i in chunk],
+            [rows[i][1] for i in chunk],
+            pad_id=pad_id,
+            chunk_size=chunk_size,
+        )
+        for i, lp in zip(chunk, scored):
+            results[i] = lp
+        bar.update(len(chunk))
+
+
+def _score_plain(
+    model,
+    rows: Sequence[tuple[Sequence[int], Sequence[int], str | None]],
+    plain: list[int],
+    results: list[list[float] | None],
+    bar,
+    *,
+    pad_id: int,
+    batch_size: int,
+    chunk_size: int,
+) -> None:
+    """Fills `results` for the `plain` rows (no usable shared prefix), batched by total length."""
     plain.sort(key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     for b in range(0, len(plain), batch_size):
         chunk = plain[b : b + batch_size]
@@ -236,8 +285,6 @@ def score_views(
         for i, (lp, _) in zip(chunk, scored):
             results[i] = lp
         bar.update(len(chunk))
-    bar.close()
-    return results  # type: ignore[return-value]
 
 
 def select_for_budget(uncertainty: Sequence[float], budget: float) -> set[int]:
@@ -411,11 +458,7 @@ def run_scoring(
     if stage.done:
         return stage.done
     timer = stage.timer
-    prepared = {r["id"]: r for r in read_jsonl(train_file)}
-    contexts = {r["id"]: r for r in read_jsonl(ctx_file)}
-    completions = load_completions(rollout_dirs)
-    ids = sorted(i for i in completions if i in prepared)
-    ids = ids[slice(*shard_range(len(ids), cfg.num_shards, cfg.shard_index))]
+    prepared, contexts, completions, ids = _shard_inputs(cfg, train_file, ctx_file, rollout_dirs)
     with timer("load"):
         tokenizer = tokenizer or load_tokenizer(model_spec)
         model = model or load_model(model_spec)
@@ -425,22 +468,59 @@ def run_scoring(
     rows = [prepared[i] for i in ids]
     teacher, student = score_teacher_and_student(model, rows, ys, scorable, cfg, pad_id=pad_id, timer=timer)
     uncertainty = uncertainty_of(cfg, teacher, student, ys)
-    picked = select_for_budget([uncertainty[n] for n in scorable], cfg.budget) if scorable else set()
-    chosen = [scorable[j] for j in sorted(picked)]
+    chosen = _choose_for_views(uncertainty, scorable, cfg.budget)
     views_of = [contexts[i]["views"] for i in ids]
     with timer("views"):
         view_logps = score_chosen_views(model, views_of, ys, chosen, cfg, pad_id=pad_id)
     num_views = len(views_of[0]) if ids else 0
     tensors = pack_scores(ys, teacher, view_logps, num_views, uncertainty, objective)
+    _write_scores(out_dir, tensors, ids)
+    counts = _scoring_counts(cfg, ids, scorable, chosen, num_views, student, completions, tensors["weights"])
+    return stage.finish(counts=counts)
+
+
+def _shard_inputs(
+    cfg: ScoringConfig, train_file: Path, ctx_file: Path, rollout_dirs: Sequence[str | Path]
+) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict], list[str]]:
+    """Returns (prepared rows by id, contexts rows by id, completions by id, this shard's sorted item ids)."""
+    prepared = {r["id"]: r for r in read_jsonl(train_file)}
+    contexts = {r["id"]: r for r in read_jsonl(ctx_file)}
+    completions = load_completions(rollout_dirs)
+    ids = sorted(i for i in completions if i in prepared)
+    ids = ids[slice(*shard_range(len(ids), cfg.num_shards, cfg.shard_index))]
+    return prepared, contexts, completions, ids
+
+
+def _choose_for_views(uncertainty: Sequence[float], scorable: list[int], budget: float) -> list[int]:
+    """Returns the items (indices into the shard) that get the K-view re-scoring, in shard order."""
+    picked = select_for_budget([uncertainty[n] for n in scorable], budget) if scorable else set()
+    return [scorable[j] for j in sorted(picked)]
+
+
+def _write_scores(out_dir: Path, tensors: dict[str, torch.Tensor], ids: list[str]) -> None:
+    """Writes scores.safetensors (atomically) and ids.json to `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "scores.safetensors") as tmp:
         save_file(tensors, str(tmp))
     write_json(out_dir / "ids.json", ids)
+
+
+def _scoring_counts(
+    cfg: ScoringConfig,
+    ids: list[str],
+    scorable: list[int],
+    chosen: list[int],
+    num_views: int,
+    student: dict[int, list[float]],
+    completions: dict[str, dict],
+    weights: torch.Tensor,
+) -> dict:
+    """Returns the manifest counts: items, views scored, staleness against the rollout, weight range."""
+    # Staleness: how far the student's log-probs now are from the ones the rollout recorded.
     staleness = [
         abs(a - b) for n, lp in student.items() for a, b in zip(completions[ids[n]].get("logps", []), lp)
     ]
-    weights = tensors["weights"]
-    counts = {
+    return {
         "items": len(ids),
         "empty_completions": len(ids) - len(scorable),
         "scored_views": len(chosen),
@@ -452,7 +532,6 @@ def run_scoring(
         "weight_mean": float(weights.mean()) if weights.numel() else None,
         "weight_max": float(weights.max()) if weights.numel() else None,
     }
-    return stage.finish(counts=counts)
 
 
 def load_scores(dirs: Sequence[str | Path]) -> dict[str, dict[str, torch.Tensor]]:

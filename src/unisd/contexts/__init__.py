@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,7 +191,7 @@ def write_contexts(
     Writes views.jsonl ({id, views}), candidates.jsonl ({id, strategy, raw}), dropped.jsonl, tokenizer/ (what
     the negatives stage encodes with), induced_pool.json (induced only) and manifest.json to `out_dir`;
     skipped when a manifest with the same inputs exists."""
-    from unisd.models import load_model, load_tokenizer
+    from unisd.models import load_tokenizer
 
     out_dir = Path(out_dir)
     train_file = _train_file(prepared_dir)
@@ -209,33 +210,15 @@ def write_contexts(
         return stage.done
     timer = stage.timer
     records = load_records(train_file)
-    by_benchmark: dict[str, list[Record]] = defaultdict(list)
-    for rec in records:
-        by_benchmark[rec.benchmark].append(rec)
+    by_benchmark = _group_by_benchmark(records)
     tokenizer = tokenizer or load_tokenizer(model_spec)
-
-    def get_model():
-        nonlocal model
-        if model is None:
-            with timer("load"):
-                model = load_model(model_spec)
-        return model
-
-    pool, pool_reused = None, False
-    if cfg.kind == "induced":
-        with timer("induce"):
-            pool, pool_reused = load_or_build_pool(
-                out_dir / "induced_pool.json",
-                induced_pool_hash(train_file, cfg, model_spec),
-                by_benchmark,
-                cfg,
-                get_model=get_model,
-                tokenizer=tokenizer,
-            )
-    with timer(cfg.kind):
-        texts = context_texts(cfg, by_benchmark, retriever=retriever or "", model_dir=model_dir, pool=pool)
-    with timer("encode"):
-        kept, views_of, dropped = encode_views(cfg, records, texts, tokenizer)
+    get_model = _model_loader(model, model_spec, timer)
+    pool, pool_reused = _induced_pool(
+        cfg, out_dir, train_file, model_spec, by_benchmark, get_model, tokenizer, timer
+    )
+    kept, views_of, dropped = _encode_contexts(
+        cfg, records, by_benchmark, tokenizer, timer, retriever=retriever, model_dir=model_dir, pool=pool
+    )
     generated = []
     if cfg.negatives and kept:
         with timer("negatives_generate"):
@@ -256,6 +239,72 @@ def write_contexts(
         "negative_candidates": len(generated),
     }
     return stage.finish(counts=counts)
+
+
+def _group_by_benchmark(records: list[Record]) -> dict[str, list[Record]]:
+    """Returns the records grouped by benchmark, in file order (donors and neighbours stay in-benchmark)."""
+    by_benchmark: dict[str, list[Record]] = defaultdict(list)
+    for rec in records:
+        by_benchmark[rec.benchmark].append(rec)
+    return by_benchmark
+
+
+def _model_loader(model, model_spec: str, timer) -> Callable[[], Any]:
+    """Returns a function giving `model`, loading `model_spec` (timed as "load") on first use only."""
+    from unisd.models import load_model
+
+    # A run that needs no generation (retrieval/random without negatives) never loads the model.
+    def get_model():
+        nonlocal model
+        if model is None:
+            with timer("load"):
+                model = load_model(model_spec)
+        return model
+
+    return get_model
+
+
+def _induced_pool(
+    cfg: ContextsConfig,
+    out_dir: Path,
+    train_file: Path,
+    model_spec: str,
+    by_benchmark: dict[str, list[Record]],
+    get_model: Callable[[], Any],
+    tokenizer,
+    timer,
+) -> tuple[list[dict[str, Any]] | None, bool]:
+    """Returns (the induced instruction pool, whether it was reused from disk); (None, False) unless induced."""
+    pool, pool_reused = None, False
+    if cfg.kind == "induced":
+        with timer("induce"):
+            pool, pool_reused = load_or_build_pool(
+                out_dir / "induced_pool.json",
+                induced_pool_hash(train_file, cfg, model_spec),
+                by_benchmark,
+                cfg,
+                get_model=get_model,
+                tokenizer=tokenizer,
+            )
+    return pool, pool_reused
+
+
+def _encode_contexts(
+    cfg: ContextsConfig,
+    records: list[Record],
+    by_benchmark: dict[str, list[Record]],
+    tokenizer,
+    timer,
+    *,
+    retriever: str | None,
+    model_dir: Path | None,
+    pool: list[dict[str, Any]] | None,
+) -> tuple[list[Record], dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Returns (items within the length limits, their K views by id, rows dropped as too long)."""
+    with timer(cfg.kind):
+        texts = context_texts(cfg, by_benchmark, retriever=retriever or "", model_dir=model_dir, pool=pool)
+    with timer("encode"):
+        return encode_views(cfg, records, texts, tokenizer)
 
 
 def check_negatives(

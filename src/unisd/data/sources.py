@@ -813,23 +813,55 @@ def load_dataset_records(
     An empty dataset and unusable sources (SourceError / FileNotFoundError) always refuse it. With
     enforce=False the dataset comes back with its problems recorded instead (`unisd data validate`).
     """
-    from unisd.data.benchmarks import BENCHMARK_SPECS, assign_split
+    _check_dataset_name(name)
+    limit = spec.max_bad_rows if spec.max_bad_rows is not None else max_bad_rows
+    tables, rows_read = _read_mapped_tables(name, spec)
+    kind, model, ignored = _row_model_of(spec, tables)
+    valid, bad = _validate_rows(tables, spec, model)
+    records, duplicates = _unique_records(name, spec, valid)
+    loaded = LoadedDataset(name, kind, spec.source, records, bad, rows_read, ignored, limit, duplicates)
+    problem = loaded.problem()
+    if problem and enforce:
+        raise DatasetError(problem)
+    for e in bad if not problem else []:
+        log.warning("%s: skipped bad row: %s", name, e)
+    return loaded
+
+
+def _check_dataset_name(name: str) -> None:
+    """Refuses (SourceError) a dataset name that is malformed or taken by a built-in benchmark."""
+    from unisd.data.benchmarks import BENCHMARK_SPECS
 
     if not NAME.match(name):
         raise SourceError(f"dataset name {name!r}: use 1-64 of a-z 0-9 _ - (starting with a letter or digit)")
     if name in BENCHMARK_SPECS:
         raise SourceError(f"dataset name {name!r} is a built-in benchmark; choose another name")
-    limit = spec.max_bad_rows if spec.max_bad_rows is not None else max_bad_rows
+
+
+def _read_mapped_tables(name: str, spec: DatasetSpec) -> tuple[list[Table], int]:
+    """Returns (the dataset's tables, rows read); SourceError on no rows or a mapped column missing."""
     tables = read_tables(spec)
     rows_read = sum(len(t.rows) for t in tables)
     if rows_read == 0:
         raise SourceError(f"{name} ({spec.source}): no rows (every table is empty)")
     for table in tables:
         _check_mapping(table, spec.columns)
+    return tables, rows_read
+
+
+def _row_model_of(spec: DatasetSpec, tables: list[Table]) -> tuple[str, type[schema.UserRow], list[str]]:
+    """Returns (the task kind, its row model, the columns no field uses), the kind inferred unless given."""
     mapped_columns = set(spec.columns).union(*(t.rows[0].keys() for t in tables if t.rows))
     kind = spec.kind or schema.infer_kind(mapped_columns)
     model = schema.row_model(kind)
     ignored = sorted(mapped_columns - set(model.model_fields) - set(_flat(spec.columns.values())))
+    return kind, model, ignored
+
+
+def _validate_rows(
+    tables: list[Table], spec: DatasetSpec, model: type[schema.UserRow]
+) -> tuple[list[tuple[schema.UserRow, Table, int]], list[RowError]]:
+    """Returns (valid rows with their table and row number, one RowError per broken field)."""
     bad: list[RowError] = []
     valid: list[tuple[schema.UserRow, Table, int]] = []
     for table in tables:
@@ -842,35 +874,42 @@ def load_dataset_records(
                 for e in err.errors():
                     field_name, message = _friendly(e)
                     bad.append(RowError(table.label, number, field_name, message))
+    return valid, bad
+
+
+def _unique_records(
+    name: str, spec: DatasetSpec, valid: list[tuple[schema.UserRow, Table, int]]
+) -> tuple[list[Record], list[str]]:
+    """Returns (a Record per first occurrence of each item, in order; one message per duplicate)."""
+    from unisd.data.benchmarks import assign_split
+
     seen: dict[str, tuple[str, int]] = {}
     duplicates: list[str] = []
     records: list[Record] = []
     for row, table, number in valid:
         local = row.local_id()
         if local in seen:
-            first_label, first_row = seen[local]
-            same = "row" if first_label == table.label else f"row of {first_label}"
-            if row.id is not None:
-                duplicates.append(
-                    f"{table.label}: row {number}: field 'id': duplicate id {local!r} (also {same} {first_row})"
-                )
-            else:
-                duplicates.append(
-                    f"{table.label}: row {number}: the same {' and '.join(row.TASK_FIELDS)} as {same} "
-                    f"{first_row}; remove the duplicate, or give rows an id column"
-                )
+            duplicates.append(_duplicate_message(row, local, table, number, seen[local]))
             continue
         seen[local] = (table.label, number)
         split = _split_of(row, table, spec, table.label) or assign_split(local)
         meta = {"source": table.label, "row": number, "dataset_source": spec.source}
         records.append(schema.to_record(row, dataset=name, split=split, meta=meta, metric=spec.metric))
-    loaded = LoadedDataset(name, kind, spec.source, records, bad, rows_read, ignored, limit, duplicates)
-    problem = loaded.problem()
-    if problem and enforce:
-        raise DatasetError(problem)
-    for e in bad if not problem else []:
-        log.warning("%s: skipped bad row: %s", name, e)
-    return loaded
+    return records, duplicates
+
+
+def _duplicate_message(
+    row: schema.UserRow, local: str, table: Table, number: int, first: tuple[str, int]
+) -> str:
+    """Returns the message for row `number` repeating item `local` (`first`: the earlier label, row)."""
+    first_label, first_row = first
+    same = "row" if first_label == table.label else f"row of {first_label}"
+    if row.id is not None:
+        return f"{table.label}: row {number}: field 'id': duplicate id {local!r} (also {same} {first_row})"
+    return (
+        f"{table.label}: row {number}: the same {' and '.join(row.TASK_FIELDS)} as {same} "
+        f"{first_row}; remove the duplicate, or give rows an id column"
+    )
 
 
 def _flat(values: Any) -> Iterator[str]:

@@ -294,44 +294,103 @@ def compute_objective(
     cl/*, agreement/weight_{min,mean,max}, num_tokens, num_sequences.
     """
     batch = _check_batch(mask, tokens, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
-    norms = normalizers or Normalizers()
     flat_index, seq_ids = flatten_valid(mask)
-    terms = _Terms(cfg, flat_index, seq_ids, batch, norms, logit_softcap, group)
+    terms = _Terms(cfg, flat_index, seq_ids, batch, normalizers or Normalizers(), logit_softcap, group)
     h_student = _flat(student_hidden, flat_index)
     h_teacher = _flat(teacher_hidden, flat_index).detach()
     stats: dict[str, float] = {"num_tokens": float(flat_index.numel()), "num_sequences": float(batch)}
-    weights = None
-    if cfg.agreement != "none":
-        token_weights = _agreement_weights(cfg, mask, token_weights, view_logps, group)
-        stats.update(summarize_weights(token_weights, mask))
-        weights = _flat(token_weights.detach(), flat_index)
-
+    weights = _flat_agreement_weights(cfg, mask, token_weights, view_logps, group, flat_index, stats)
     total: Tensor | None = None
     if not cfg.match_repr:
-        kd, student_logps, positive_logps = terms.distillation(
-            h_student, student_head_weight, h_teacher, teacher_head_weight, tokens, weights, stats
+        total = _distillation_loss(
+            cfg,
+            terms,
+            h_student,
+            student_head_weight,
+            h_teacher,
+            teacher_head_weight,
+            tokens=tokens,
+            mask=mask,
+            weights=weights,
+            teacher_hidden=teacher_hidden,
+            negative_logps=negative_logps,
+            negative_hidden=negative_hidden,
+            stats=stats,
         )
-        total = kd
-        if cfg.contrastive_lambda > 0:
-            if cfg.contrastive_variant == "token":
-                cl = terms.token_contrastive(student_logps, positive_logps, negative_logps, mask, stats)
-            else:
-                cl = terms.distribution_contrastive(
-                    h_student,
-                    student_head_weight,
-                    h_teacher,
-                    teacher_head_weight,
-                    negative_hidden,
-                    teacher_hidden,
-                )
-            stats["cl_loss"] = float(cl.detach())
-            total = total + cfg.contrastive_lambda * cl
+    total = _with_feature_matching(cfg, terms, total, h_student, h_teacher, stats)
+    stats["loss"] = float(total.detach())
+    return total, stats
+
+
+def _flat_agreement_weights(
+    cfg: ObjectiveConfig,
+    mask: Tensor,
+    token_weights: Tensor | None,
+    view_logps: Tensor | None,
+    group: dist.ProcessGroup | None,
+    flat_index: Tensor,
+    stats: dict[str, float],
+) -> Tensor | None:
+    """Returns the agreement weights at the valid positions ([N], detached; None when agreement is off)."""
+    if cfg.agreement == "none":
+        return None
+    token_weights = _agreement_weights(cfg, mask, token_weights, view_logps, group)
+    stats.update(summarize_weights(token_weights, mask))
+    return _flat(token_weights.detach(), flat_index)
+
+
+def _distillation_loss(
+    cfg: ObjectiveConfig,
+    terms: _Terms,
+    h_student: Tensor,
+    student_head_weight: Tensor,
+    h_teacher: Tensor,
+    teacher_head_weight: Tensor | None,
+    *,
+    tokens: Tensor,
+    mask: Tensor,
+    weights: Tensor | None,
+    teacher_hidden: Tensor,
+    negative_logps: Tensor | None,
+    negative_hidden: Tensor | None,
+    stats: dict[str, float],
+) -> Tensor:
+    """Returns L_KD + λ_CL · L_CL (the contrastive term only when contrastive_lambda > 0); logs into stats."""
+    kd, student_logps, positive_logps = terms.distillation(
+        h_student, student_head_weight, h_teacher, teacher_head_weight, tokens, weights, stats
+    )
+    total = kd
+    if cfg.contrastive_lambda > 0:
+        if cfg.contrastive_variant == "token":
+            cl = terms.token_contrastive(student_logps, positive_logps, negative_logps, mask, stats)
+        else:
+            cl = terms.distribution_contrastive(
+                h_student,
+                student_head_weight,
+                h_teacher,
+                teacher_head_weight,
+                negative_hidden,
+                teacher_hidden,
+            )
+        stats["cl_loss"] = float(cl.detach())
+        total = total + cfg.contrastive_lambda * cl
+    return total
+
+
+def _with_feature_matching(
+    cfg: ObjectiveConfig,
+    terms: _Terms,
+    total: Tensor | None,
+    h_student: Tensor,
+    h_teacher: Tensor,
+    stats: dict[str, float],
+) -> Tensor | None:
+    """Returns `total` + λ_FM · L_FM (L_FM alone under match_repr; `total` as is without features)."""
     if cfg.uses_features:
         fm = terms.feature_matching(h_student, h_teacher)
         stats["fm_loss"] = float(fm.detach())
         total = fm if cfg.match_repr else total + cfg.feature_lambda * fm
-    stats["loss"] = float(total.detach())
-    return total, stats
+    return total
 
 
 def _check_batch(mask: Tensor, tokens: Tensor, **hidden: Tensor) -> int:
