@@ -121,6 +121,7 @@ def test_grade_stage_scores_answers_without_a_model_and_refuses_samples_of_other
     write_json(
         samples / "measures.json", {"benchmark": "mbpp", "model": "someone's model", "role": "adapted"}
     )
+    write_json(samples / "manifest.json", {"stage": "eval"})  # what `unisd grade` checks at the door
 
     def no_model(*args, **kwargs):
         raise AssertionError("the grade stage loaded a model")

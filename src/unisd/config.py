@@ -267,8 +267,8 @@ def check_stage_dir(path: str | Path, stage: str, flag: str) -> list[Path]:
         manifest_file = folder / MANIFEST
         if not manifest_file.is_file():
             raise InputError(
-                f"{flag} {folder} has no {MANIFEST}: its {stage} stage did not finish (rerun it) or this is "
-                f"not a {stage} output"
+                f"{flag} {folder} has no {MANIFEST}: its {expected} stage did not finish (rerun it) or this is "
+                f"not a {expected} output"
             )
         found = read_json(manifest_file).get("stage")
         if found != expected:
