@@ -1,4 +1,4 @@
-"""A whole round per preset, side by side: wall time and peak memory of every stage (prepare → contexts →
+"""A whole round per preset, side by side: wall time and peak memory of every stage (prepare → contexts → negatives →
 rollout → score → train) through `unisd.pipeline_steps` — exactly what the pipeline's pods run — for each
 preset, in fresh folders, presets alternated within each repeat.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-STAGES = ("prepare", "contexts", "rollout", "score", "train")
+STAGES = ("prepare", "contexts", "negatives", "rollout", "score", "train")  # as the pipeline runs them
 
 
 def peak_rss_gib() -> float:
@@ -40,10 +40,11 @@ def run_stage(stage: str, config: str, overrides: list[str], root: Path) -> None
     from unisd.runconfig import load_run_config
 
     cfg = load_run_config(config, overrides)
-    p, c, r, s, t = (str(root / n) for n in STAGES)
+    p, d, c, r, s, t = (str(root / n) for n in STAGES)  # d: the contexts stage's draft, c: the final contexts
     calls = {
         "prepare": lambda: steps.prepare(cfg, p),
-        "contexts": lambda: steps.contexts(cfg, p, c),
+        "contexts": lambda: steps.contexts(cfg, p, d),
+        "negatives": lambda: steps.negatives(cfg, p, d, c),
         "rollout": lambda: steps.rollout(cfg, p, r),
         "score": lambda: steps.score(cfg, p, c, r, s),
         "train": lambda: steps.train(cfg, p, c, r, s, t),
