@@ -241,8 +241,11 @@ STAGE_FOLDERS = {
     "train": ("train", None),
     "samples": ("eval", "samples.jsonl"),
 }
-# the command whose --out holds a folder of that kind (for the refusal messages)
-_WRITTEN_BY = {"draft": "contexts` (its draft/ folder", "samples": "eval` (its samples/ folder"}
+# where a folder of that kind is, for the refusal messages (default: the folder `unisd <stage> --out` wrote)
+_WRITTEN_BY = {
+    "draft": "the draft/ folder of `unisd contexts --out`",
+    "samples": "the samples/ folder of `unisd eval --out`",
+}
 
 
 def check_stage_dir(path: str | Path, stage: str, flag: str) -> list[Path]:
@@ -252,11 +255,7 @@ def check_stage_dir(path: str | Path, stage: str, flag: str) -> list[Path]:
     from unisd.artifacts import MANIFEST, read_json
 
     path = Path(path).expanduser()
-    writer = (
-        f"the folder `unisd {_WRITTEN_BY[stage]})"
-        if stage in _WRITTEN_BY
-        else f"the folder `unisd {stage} --out` wrote"
-    )
+    writer = _WRITTEN_BY.get(stage, f"the folder `unisd {stage} --out` wrote")
     if not path.exists():
         raise InputError(f"{flag} {path} does not exist: pass {writer}")
     if not path.is_dir():
