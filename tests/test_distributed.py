@@ -84,6 +84,15 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     ]
 
 
+def _failure(out: subprocess.CompletedProcess, log: Path) -> str:
+    """A failed launch's message: its error lines first (CI shows the head of a long message), then the tail;
+    the whole output is kept in `log`."""
+    log.write_text(f"{out.stdout or ''}\n---- stderr ----\n{out.stderr or ''}")
+    text = (out.stderr or "").splitlines()
+    errors = [line for line in text if any(w in line for w in ("rror", "Traceback", "exited", "unisd:"))]
+    return "\n".join(["error lines:", *errors[:40], f"(whole output: {log})", "tail:", *text[-40:]])
+
+
 def _train_argv(config: Path, art: dict[str, Path], out: Path) -> list[str]:
     paths = ["--prepared", art["prepared"], "--contexts", art["contexts"], "--rollouts", art["rollout"]]
     return [
@@ -133,7 +142,7 @@ def runs(tmp_path_factory):
         text=True,
         timeout=1200,
     )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert out.returncode == 0, _failure(out, root / "two.log")
     print(f"2-rank launch (4 trainings): {time.perf_counter() - started:.1f} s")
     for name in ("lora", "full"):  # the 1-rank references, in this process
         assert unisd_main(_train_argv(configs[name], art, root / "one" / name)) == 0
@@ -251,7 +260,7 @@ def test_sigkill_of_rank_1_fails_the_job_and_the_rerun_resumes_to_the_same_weigh
     assert "SIGKILL" in stderr or "Signal 9" in stderr or "exitcode" in stderr.lower(), stderr[-2000:]
 
     again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.returncode == 0, _failure(again, root / "again.log")
     assert "resumed from" in again.stderr
     full = root / "two" / "lora"
     assert _max_diff(_weights(full), _weights(killed)) <= 1e-6

@@ -442,3 +442,19 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path, capsys):
         "unisd run: error: --resume continues a run with its own config: drop --config / --rounds / overrides "
         "(start a new run to change them)"
     )
+
+
+def test_logs_pruned_by_another_process_meanwhile_are_skipped(tmp_path):
+    """Every torchrun rank prunes the shared log folder as it starts: a log another rank deleted between the
+    listing and the look at its age must not fail the command (it did, in CI)."""
+    from unisd.cli import prune_logs
+
+    for i in range(5):
+        (tmp_path / f"unisd-train-{i}.log").write_text("x")
+        os.utime(tmp_path / f"unisd-train-{i}.log", (1000 + i, 1000 + i))
+    (tmp_path / "unisd-train-gone.log").symlink_to(tmp_path / "deleted-meanwhile")  # listed, then no file
+    prune_logs(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("unisd-*.log") if p.exists()) == [
+        "unisd-train-3.log",
+        "unisd-train-4.log",
+    ]

@@ -433,9 +433,21 @@ def _setup_logging(args: argparse.Namespace) -> logging.FileHandler | None:
         return None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
-    for old in sorted(folder.glob("unisd-*.log"), key=lambda p: p.stat().st_mtime)[:-50]:
-        old.unlink(missing_ok=True)
+    prune_logs(folder, keep=50)
     return handler
+
+
+def prune_logs(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` command logs. Other unisd processes prune the same folder at the same
+    time (every torchrun rank is one), so a log that is gone by the time it is looked at is skipped."""
+    dated = []
+    for path in folder.glob("unisd-*.log"):
+        try:
+            dated.append((path.stat().st_mtime, path))
+        except FileNotFoundError:
+            continue
+    for _, old in sorted(dated)[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
