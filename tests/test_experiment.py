@@ -107,3 +107,38 @@ def test_experiment_runs_resumes_and_reports(tmp_path):
     assert "## tiny:llama" in text and "| `sd` | 0,1 |" in text and "Δ vs base" in text
     assert "## Verdict" in text and "no UniSD* result yet" in text
     assert (tmp_path / "docs" / "results" / "tiny_llama-delta.png").stat().st_size > 1000
+
+
+def test_a_setting_added_since_keeps_a_result_and_a_changed_one_reruns_it(tmp_path, caplog):
+    """Result files are committed and outlive the unisd that wrote them: a setting unisd gained since, at its
+    default, leaves them finished; any changed value (or a new setting away from its default) reruns them."""
+    import copy
+    import logging
+
+    from unisd.artifacts import write_json
+    from unisd.experiment import Cell, cell_settings, finished, load_experiment
+
+    cfg = load_experiment(_config(tmp_path))
+    cell = Cell(tmp_path / "work", tmp_path / "results", "tiny:llama", 0)
+    older = copy.deepcopy(cell_settings(cfg, "tiny:llama", 0, "sd"))
+    del older["run"]["train"]["skip_memory_check"], older["run"]["retrain"]  # not settings back then
+    write_json(cell.result_file("sd"), {"settings_hash": "from-an-older-unisd", "settings": older})
+    assert finished(cell, cfg, "sd")
+
+    caplog.set_level(logging.INFO, logger="unisd.experiment")
+    older["run"]["train"]["lr"] = 5e-4
+    write_json(cell.result_file("sd"), {"settings_hash": "from-an-older-unisd", "settings": older})
+    assert not finished(cell, cfg, "sd")
+    assert "run.train.lr: 0.0005 -> 0.001" in caplog.text
+
+    older["run"]["train"]["lr"] = 1e-3
+    raw = yaml.safe_load(_config(tmp_path).read_text())
+    raw["run"]["train"]["skip_memory_check"] = True
+    (tmp_path / "new-setting.yaml").write_text(yaml.safe_dump(raw))
+    with_new = load_experiment(tmp_path / "new-setting.yaml")
+    write_json(cell.result_file("sd"), {"settings_hash": "from-an-older-unisd", "settings": older})
+    assert finished(cell, cfg, "sd") and not finished(cell, with_new, "sd")
+    assert "run.train.skip_memory_check: (not a setting then) -> True" in caplog.text
+
+    write_json(cell.result_file("sd"), {"settings_hash": "from-an-older-unisd"})  # no record of its settings
+    assert not finished(cell, cfg, "sd")

@@ -17,7 +17,8 @@ retention against the base model. The base model is evaluated once per model (gr
 
 Resumable at every level: each stage skips when its output exists for the same inputs, a killed train or eval
 resumes mid-way, and a finished variant is its result file `results/<model>/seed-<s>/<variant>.json`, kept
-unless its settings changed. The heavy folders (models, rollouts) live under `work_dir`; only the small result
+unless its settings changed (it records them; a setting unisd gained since, left at its default, is no change,
+so committed results outlive new settings). The heavy folders (models, rollouts) live under `work_dir`; only the small result
 files are meant to be committed. `unisd experiment-report` turns them into docs/RESULTS.md with plots.
 """
 
@@ -343,6 +344,7 @@ def run_variant(cell: Cell, cfg: ExperimentConfig, variant: str, shared_timings:
         "seed": cell.seed,
         "variant": variant,
         "settings_hash": cell_hash(cfg, cell.model, cell.seed, variant),
+        "settings": cell_settings(cfg, cell.model, cell.seed, variant),
         "objective": None if variant == BASE else run.objective_config().model_dump(),
         "train": train,
         "eval": evals,
@@ -366,7 +368,7 @@ def run_variant(cell: Cell, cfg: ExperimentConfig, variant: str, shared_timings:
     return result
 
 
-def cell_hash(cfg: ExperimentConfig, model: str, seed: int, variant: str) -> str:
+def cell_settings(cfg: ExperimentConfig, model: str, seed: int, variant: str) -> dict[str, Any]:
     """What a result depends on: the base model only on the held-out data and eval settings; a trained
     variant on everything but tracking and pipeline wiring."""
     run = variant_config(cfg, model, seed, variant)
@@ -375,16 +377,84 @@ def cell_hash(cfg: ExperimentConfig, model: str, seed: int, variant: str) -> str
         relevant = {"model": run.model, "prepare": prepare, "eval": run.eval.model_dump(mode="json")}
     else:
         relevant = run.model_dump(mode="json", exclude={"tracking", "pipeline"})
-    return settings_hash(
-        {"run": relevant, "eval_overrides": cfg.experiment.eval_overrides, "v": RESULT_VERSION}
-    )
+    return {"run": relevant, "eval_overrides": cfg.experiment.eval_overrides, "v": RESULT_VERSION}
+
+
+def cell_hash(cfg: ExperimentConfig, model: str, seed: int, variant: str) -> str:
+    return settings_hash(cell_settings(cfg, model, seed, variant))
+
+
+def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """{path: value} of a settings tree; an empty mapping is a value."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, (*prefix, key)).items()}
+    return {prefix: tree}
+
+
+_NO_DEFAULT = object()
+
+
+def _run_default(path: tuple[str, ...]) -> Any:
+    """The RunConfig default of a `run.…` setting path, as JSON; _NO_DEFAULT where there is none."""
+    from pydantic import BaseModel
+
+    from unisd.runconfig import RunConfig
+
+    if path[:1] != ("run",):
+        return _NO_DEFAULT
+    model: Any = RunConfig
+    for i, name in enumerate(path[1:]):
+        field = (
+            model.model_fields.get(name) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
+        if field is None:
+            return _NO_DEFAULT
+        if i == len(path) - 2:
+            default = field.get_default(call_default_factory=True)
+            return json.loads(
+                json.dumps(
+                    default.model_dump(mode="json") if isinstance(default, BaseModel) else default,
+                    default=str,
+                )
+            )
+        model = field.annotation
+    return _NO_DEFAULT
+
+
+def settings_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How the settings of a result differ from the current ones, as 'path: old -> new'. A setting added to
+    unisd since the result was written is no change while it is at its default: a new setting's default
+    keeps what unisd did before it existed (the rule every new setting follows)."""
+    old, new = _leaves(stored), _leaves(current)
+    changes = []
+    for path in sorted(old.keys() | new.keys()):
+        name = ".".join(path)
+        if path not in new:
+            changes.append(f"{name}: {old[path]!r} -> (no longer a setting)")
+        elif path not in old:
+            if new[path] != _run_default(path):
+                changes.append(f"{name}: (not a setting then) -> {new[path]!r}")
+        elif old[path] != new[path]:
+            changes.append(f"{name}: {old[path]!r} -> {new[path]!r}")
+    return changes
 
 
 def finished(cell: Cell, cfg: ExperimentConfig, variant: str) -> bool:
+    """Whether this variant's result file is for the current settings (else it is rerun, saying why)."""
     path = cell.result_file(variant)
-    return path.exists() and read_json(path).get("settings_hash") == cell_hash(
-        cfg, cell.model, cell.seed, variant
-    )
+    if not path.exists():
+        return False
+    result = read_json(path)
+    if result.get("settings_hash") == cell_hash(cfg, cell.model, cell.seed, variant):
+        return True
+    if "settings" not in result:
+        log.info("%s: written with other settings (the file does not say which); rerunning it", path)
+        return False
+    changes = settings_changes(result["settings"], cell_settings(cfg, cell.model, cell.seed, variant))
+    if changes:
+        shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+        log.info("%s: settings changed (%s); rerunning it", path, shown)
+    return not changes
 
 
 def run_experiment(
