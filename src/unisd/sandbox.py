@@ -779,6 +779,17 @@ def _drop_nested(paths: Any) -> list[str]:
     return kept
 
 
+def _mask_targets(hidden_paths: Sequence[str]) -> list[str]:
+    """Each hidden path as written and as resolved: reached through a symlink (a venv linked into a checkout,
+    say) the sandbox binds the real location, and masking only the written path would leave it readable."""
+    targets: list[str] = []
+    for path in hidden_paths:
+        for form in (os.path.abspath(path), os.path.realpath(path)):
+            if form not in targets:
+                targets.append(form)
+    return targets
+
+
 def _covered(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
@@ -965,8 +976,7 @@ def _bwrap_command(
             argv += ["--tmpfs", path]
         elif os.path.exists(path):
             argv += ["--ro-bind", "/dev/null", path]
-    for path in hidden_paths:
-        path = os.path.abspath(path)
+    for path in _mask_targets(hidden_paths):
         if _covered(path, binds):
             argv += ["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
     argv += ["--dev", "/dev", "--perms", "1777", "--size", str(16 * _MIB), "--tmpfs", "/dev/shm"]
@@ -1064,7 +1074,7 @@ def _unshare_command(
         specs += ["bind" if os.path.isdir(path) else "bindfile", path, "-"]
     for path, target in links:
         specs += ["link", path, target]
-    for path in [*_MASKED_SYSTEM_FILES, *(os.path.abspath(p) for p in hidden_paths)]:
+    for path in [*_MASKED_SYSTEM_FILES, *_mask_targets(hidden_paths)]:
         if _covered(path, binds) and os.path.exists(path):
             specs += ["hidedir" if os.path.isdir(path) else "hidefile", path, "-"]
     if uid is not None:
