@@ -70,7 +70,11 @@ def _key_counts(task_dir: Path) -> str:
     if stage == "prepare":
         return f"{c.get('train')} training items, eval {c.get('eval')}"
     if stage == "contexts":
-        return f"{c.get('kept')} items × {c.get('num_views')} {c.get('kind')} views, {c.get('negatives_model', 0)} model-written negatives"
+        return f"{c.get('kept')} items × {c.get('num_views')} {c.get('kind')} views, {c.get('negative_candidates')} negative candidates"
+    if stage == "negatives":
+        return f"{c.get('negatives_model')} model-written negatives, {c.get('negatives_fallback')} fallbacks"
+    if stage == "eval":
+        return f"{c.get('items')} answers"
     if stage == "rollout":
         return f"{c.get('items')} completions, {c.get('completion_tokens')} tokens ({c.get('tokens_per_s')} tok/s)"
     if stage == "score":

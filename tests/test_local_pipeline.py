@@ -172,6 +172,13 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(full_run):
     assert run.info.status == "FINISHED" and run.info.end_time is not None
     assert summary["mlflow"] == {"run_id": version.run_id, "outbox_pending": 0, "status": "FINISHED"}
     assert json.loads((run_dir / "run.json").read_text())["attempts"][-1]["status"] == "succeeded"
+    # The terminal's stage lines read each stage's own counts: every stage that has some shows them whole.
+    from pipelines.progress import _key_counts
+
+    lines = {d.name: _key_counts(d) for d in sorted(tasks_of(run_dir).glob("**/*-op*")) if d.is_dir()}
+    assert lines["contexts-op"].startswith("8 items × 3 retrieval views, 8 negative candidates"), lines
+    assert lines["negatives-op"].endswith("fallbacks") and lines["eval-op"] == "3 answers", lines
+    assert not [line for line in lines.values() if "None" in line], lines
 
 
 def test_a_killed_run_resumes_from_the_stages_that_finished(full_run, tmp_path, capsys):

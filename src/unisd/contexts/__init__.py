@@ -233,6 +233,8 @@ def write_contexts(
         "items": len(records),
         "kept": len(kept),
         "dropped": len(dropped),
+        "num_views": cfg.num_views,
+        "kind": cfg.kind,
         "retriever": retriever,
         "induced_pool": len(pool) if pool is not None else None,
         "induced_pool_reused": pool_reused if pool is not None else None,
