@@ -11,6 +11,7 @@ from unisd.rollout import (
     RolloutConfig,
     generate_hf,
     generate_pruned,
+    generate_static,
     rollout_stage,
     run_rollout,
     shard_range,
@@ -158,5 +159,29 @@ def test_pruned_decode_equals_hf_generate_greedy_and_its_logps_are_exact(arch):
     )
     assert first == second  # seeded
     for p, (ids, _, logps) in zip(prompts, first):  # temperature-1 log-probs of the sampled tokens, exact
+        rescored = _score_rows_plain(model, [p], [ids], pad_id=0, chunk_size=4)[0][0]
+        assert logps == pytest.approx(rescored, abs=1e-4)
+
+
+def test_static_cache_compiled_decode_equals_hf_generate_and_its_logps_are_exact():
+    """decode=static (a static KV cache, the decode step compiled; padded to a width bucket and a full batch):
+    HF generate's greedy tokens for every row, and log-probs equal to a teacher-forced re-score."""
+    model = tiny_model("llama", vocab_size=64, seed=3)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [10, 11], [12, 13, 14]]  # 3 rows of a batch of 4: one filler row
+    cfg = RolloutConfig(temperature=0.0, max_new_tokens=8, batch_size=4, decode="static")
+    from torch._dynamo.utils import counters
+
+    hf = generate_hf(model, _Tok(), prompts, cfg)
+    counters.clear()
+    static = generate_static(model, _Tok(), prompts, cfg)
+    assert counters["stats"]["unique_graphs"] == 1  # the decode step really ran compiled
+    assert len(static) == 3 and [r[0] for r in static] == [r[0] for r in hf]
+    for p, (ids, _, logps) in zip(prompts, static):
+        rescored = _score_rows_plain(model, [p], [ids], pad_id=0, chunk_size=4)[0][0]
+        assert logps == pytest.approx(rescored, abs=1e-4)
+    sampled = cfg.model_copy(update={"temperature": 0.8, "seed": 5})
+    first = generate_static(model, _Tok(), [p[:2] for p in prompts], sampled)
+    assert counters["stats"]["unique_graphs"] == 1  # another width in the same bucket: no recompile
+    for p, (ids, _, logps) in zip([p[:2] for p in prompts], first):  # temperature-1 log-probs, exact
         rescored = _score_rows_plain(model, [p], [ids], pad_id=0, chunk_size=4)[0][0]
         assert logps == pytest.approx(rescored, abs=1e-4)

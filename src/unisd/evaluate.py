@@ -25,7 +25,7 @@ import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, model_validator
@@ -42,6 +42,7 @@ from unisd.artifacts import (
 from unisd.config import StrictModel
 from unisd.data import encode_prompt, student_messages
 from unisd.data.records import Record
+from unisd.rollout import DecodePath
 from unisd.sequences import (
     build_teacher_forcing_batch,
     completion_hidden,
@@ -58,9 +59,7 @@ class EvalConfig(StrictModel):
     limit: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(512, ge=1)
     batch_size: int = Field(8, ge=1)
-    decode: Literal["hf", "pruned"] = (
-        "hf"  # unisd.rollout.generate: "pruned" drops finished rows from the batch
-    )
+    decode: DecodePath = "hf"  # unisd.rollout.generate: "pruned" drops finished rows from the batch
     num_samples: int = Field(1, ge=1)  # n for pass@k; 1 = greedy pass@1
     sample_temperature: float = Field(0.8, ge=0.0)
     pass_k: list[int] = Field([1], min_length=1)  # each k in 1..num_samples

@@ -43,6 +43,7 @@ from unisd.artifacts import begin_stage, progress_dir, read_json, read_jsonl, wr
 from unisd.config import StrictModel
 from unisd.distributed import DeepSpeedEngine, PlainEngine, Precision, Ranks, TorchEngine, current_ranks
 from unisd.objective import LOSS_TERMS, ObjectiveConfig, compute_objective
+from unisd.rollout import DecodePath
 from unisd.sequences import (
     build_teacher_forcing_batch,
     completion_hidden,
@@ -111,7 +112,7 @@ class TrainConfig(StrictModel):
     # online mode only
     online_max_new_tokens: int = Field(128, ge=1)
     online_temperature: float = Field(0.7, ge=0.0)
-    online_decode: Literal["hf", "pruned"] = "hf"
+    online_decode: DecodePath = "hf"
     # hf: generate with the training model; vllm: a colocated vLLM engine (sleep while training, weights
     # synced after every optimizer window). vLLM is CUDA-only: never run on this project's CI machines.
     online_backend: Literal["hf", "vllm"] = "hf"

@@ -73,6 +73,7 @@ from unisd.contexts.retrieval import (
 )
 from unisd.contexts.views import build_view_texts, context_texts, encode_views
 from unisd.data.records import Record
+from unisd.rollout import DecodePath
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class ContextsConfig(StrictModel):
     negative_max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.7, ge=0.0)
     batch_size: int = Field(8, ge=1)  # generation batch
-    decode: Literal["hf", "pruned"] = "hf"  # unisd.rollout.generate (negatives, induced instructions)
+    decode: DecodePath = "hf"  # unisd.rollout.generate (negatives, induced instructions)
     max_context_prompt_tokens: int = Field(4096, ge=1)
     max_negative_prompt_tokens: int = Field(4096, ge=1)
     sandbox_timeout_s: float = Field(5.0, gt=0.0)
