@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Sampled negatives are cached across runs; a test session starts with an empty cache of its own.
+os.environ.setdefault("UNISD_SAMPLE_CACHE", tempfile.mkdtemp(prefix="unisd-sample-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from unisd.contexts import (
     resolve_minilm_dir,
     retrieve,
     run_contexts,
+    write_contexts,
 )
 from unisd.data import context_messages, encode_prompt, load_benchmark, negative_messages, solved_example
 from unisd.data.benchmarks import resolve_data_dir
@@ -486,3 +487,42 @@ def test_retrieval_stage_records_the_retriever(prepared, records, tiny_llama, tm
             assert v["prompt_ids"] == encode_prompt(tiny_llama[1], context_messages(rec, v["text"]))
     used = [v["context_id"] for r in read_jsonl(tmp_path / "contexts.jsonl") for v in r["views"]]
     assert all(used.count(c) > 1 for c in used if c is not None)  # ids only where rows share the context
+
+
+def test_negative_candidates_are_sampled_once_across_runs_and_resumed_batch_by_batch(
+    prepared, tmp_path, monkeypatch
+):
+    """The model's negative candidates go through the cross-run sample cache, one entry per decode batch: a
+    second run folder samples nothing, a stage killed after its first batch resumes from there, and a changed
+    setting samples afresh."""
+    from unisd import rollout
+
+    monkeypatch.setenv("UNISD_SAMPLE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real_generate = rollout.generate
+
+    def counted(model, tokenizer, prompts, cfg, *, first_index=0):
+        calls.append(first_index)
+        return real_generate(model, tokenizer, prompts, cfg, first_index=first_index)
+
+    monkeypatch.setattr(rollout, "generate", counted)
+    cfg = ContextsConfig(kind="random", **{**FAST, "batch_size": 4})
+
+    def draft(name, config=cfg):
+        write_contexts(config, model_spec="tiny:llama", prepared_dir=prepared, out_dir=tmp_path / name)
+        return (tmp_path / name / "candidates.jsonl").read_text()
+
+    first = draft("run-a")
+    batches = len(calls)
+    assert batches >= 2 and first.count("\n") >= 8
+    assert draft("run-b") == first and len(calls) == batches  # another run folder: nothing sampled
+
+    entries = sorted((tmp_path / "cache").glob("*/*.json"))
+    for entry in entries[1:]:  # a stage killed part-way: one batch of its batches in the cache
+        entry.unlink()
+    calls.clear()
+    assert draft("run-c") == first and len(calls) == batches - 1
+
+    calls.clear()
+    draft("run-d", cfg.model_copy(update={"negative_max_tokens": cfg.negative_max_tokens + 1}))
+    assert len(calls) == batches  # a changed setting: every batch sampled afresh

@@ -33,9 +33,12 @@ def sample_texts(
     seed: int,
     desc: str,
     decode: str = "hf",
+    cache_model: str | None = None,
 ) -> list[str]:
     """One sampled completion per prompt, decoded. Prompts are batched by length (less padding); every
-    batch's seed follows from its position, so the same prompts give the same texts."""
+    batch's seed follows from its position, so the same prompts give the same texts. With `cache_model` (the
+    model's fingerprint) every batch goes through the cross-run SampleCache: one already sampled is read back."""
+    from unisd.contexts.sample_cache import SampleCache
     from unisd.rollout import RolloutConfig, generate
 
     cfg = RolloutConfig(
@@ -46,15 +49,28 @@ def sample_texts(
         seed=seed,
         decode=decode,
     )
+    cache = SampleCache(cache_model, cfg.model_dump(mode="json")) if cache_model else None
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     texts: list[str] = [""] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
         for b in range(0, len(order), batch_size):
             chunk = order[b : b + batch_size]
-            results = generate(model, tokenizer, [prompts[i] for i in chunk], cfg, first_index=b)
-            for i, (ids, _finished, _logps) in zip(chunk, results):
-                texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+            batch = [prompts[i] for i in chunk]
+            written = cache.get(batch, b) if cache else None
+            if written is None:
+                results = generate(model, tokenizer, batch, cfg, first_index=b)
+                written = [
+                    tokenizer.decode(ids, skip_special_tokens=True) for ids, _finished, _logps in results
+                ]
+                if cache:
+                    cache.put(batch, b, written)
+            for i, text in zip(chunk, written):
+                texts[i] = text
             bar.update(len(chunk))
+    if cache and cache.hits:
+        log.info(
+            "%s: %d of %d batches read from the sample cache", desc, cache.hits, -(-len(order) // batch_size)
+        )
     return texts
 
 

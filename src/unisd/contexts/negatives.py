@@ -52,8 +52,11 @@ def choose_negative(item_id: str, candidates: Sequence[dict[str, Any]], seed: in
     return random.Random(f"{seed}:negative:{item_id}").choice(valid) if valid else None
 
 
-def generate_candidates(records: Sequence[Record], cfg, *, model, tokenizer) -> list[tuple[Record, str, str]]:
-    """(record, strategy, raw reply) for `negatives_per_item` requests per record, sampled in batches."""
+def generate_candidates(
+    records: Sequence[Record], cfg, *, model, tokenizer, cache_model: str | None = None
+) -> list[tuple[Record, str, str]]:
+    """(record, strategy, raw reply) for `negatives_per_item` requests per record, sampled in batches (through
+    the cross-run sample cache when `cache_model`, the model's fingerprint, is given)."""
     requests = [
         (rec, s)
         for rec in records
@@ -70,6 +73,7 @@ def generate_candidates(records: Sequence[Record], cfg, *, model, tokenizer) -> 
         seed=cfg.seed + 1,
         desc="negative demonstrations",
         decode=cfg.decode,
+        cache_model=cache_model,
     )
     return [(rec, s, raw) for (rec, s), raw in zip(requests, raws)]
 
