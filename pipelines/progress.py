@@ -74,7 +74,8 @@ def _key_counts(task_dir: Path) -> str:
     if stage == "negatives":
         return f"{c.get('negatives_model')} model-written negatives, {c.get('negatives_fallback')} fallbacks"
     if stage == "eval":
-        return f"{c.get('items')} answers"
+        cfg = manifest.get("config", {})
+        return f"{cfg.get('benchmark')} {'adapted' if cfg.get('base') else 'base'}: {c.get('items')} answers"
     if stage == "rollout":
         return f"{c.get('items')} completions, {c.get('completion_tokens')} tokens ({c.get('tokens_per_s')} tok/s)"
     if stage == "score":
@@ -82,6 +83,19 @@ def _key_counts(task_dir: Path) -> str:
     if stage == "train":
         return f"{c.get('steps')} steps, final loss {c.get('final', {}).get('loss', float('nan')):.4f}"
     return ""
+
+
+_ITERATION = re.compile(r"^(for-loop-\d+)-iteration-(\d+)$")
+SHARDED = ("rollout-op", "score-op")  # the tasks a ParallelFor runs once per shard
+
+
+def _shard_label(task_dir: Path) -> str:
+    """A sharded task folder's label, e.g. " 2/4" for the second of four shards; "" for other tasks."""
+    m = _ITERATION.match(task_dir.parent.name)
+    if not m or re.sub(r"-\d+$", "", task_dir.name) not in SHARDED:
+        return ""
+    shards = len(list(task_dir.parent.parent.glob(f"{m.group(1)}-iteration-*")))
+    return f" {int(m.group(2)) + 1}/{shards}"
 
 
 class StageConsole:
@@ -126,8 +140,9 @@ class StageConsole:
             mark = "✓" if status == "SUCCESS" else "✗"
             if status != "SUCCESS":
                 self.failed.append(name)
-            detail = _key_counts(self._task_dir(name)) if status == "SUCCESS" else "FAILED"
-            self._say(f"  {mark} {self._title(name):<18} {seconds:7.1f} s  {detail}")
+            task_dir = self._task_dir(name)
+            detail = _key_counts(task_dir) if status == "SUCCESS" else "FAILED"
+            self._say(f"  {mark} {self._title(name) + _shard_label(task_dir):<18} {seconds:7.1f} s  {detail}")
             self.bar.update(1)
 
     def _title(self, task: str) -> str:

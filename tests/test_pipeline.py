@@ -397,7 +397,10 @@ def test_stage_lines_count_the_shard_that_finished(tmp_path):
         )
     newest = tmp_path / "for-loop-3-iteration-0" / "rollout-op" / "rollout" / "manifest.json"
     os.utime(newest, (newest.stat().st_mtime + 5,) * 2)
-    console = StageConsole(io.StringIO(), io.StringIO(), tmp_path, total=1)
+    terminal = io.StringIO()
+    console = StageConsole(io.StringIO(), terminal, tmp_path, total=1)
     assert _key_counts(console._task_dir("rollout-op")) == "8 completions, 80 tokens (3 tok/s)"
     assert _key_counts(console._task_dir("score-op")) == ""  # not run: no folder, no counts
+    console.write("12:00:00.000 - INFO - Task 'rollout-op' finished with status SUCCESS\n")
     console.close()
+    assert "✓ rollout 1/2" in terminal.getvalue()  # the shard that finished, of how many
