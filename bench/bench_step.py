@@ -78,7 +78,9 @@ def child(args) -> None:
         torch.set_num_threads(args.threads)
     objective = preset(args.variant)
     cfg = TrainConfig(
-        lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r), micro_batch_size=args.micro_batch
+        lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
+        micro_batch_size=args.micro_batch,
+        gradient_checkpointing=args.checkpointing,
     )
     tokenizer, model, teacher = build_models(cfg, objective, args.model)
     if args.device != "cpu":
