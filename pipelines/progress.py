@@ -85,6 +85,11 @@ def _key_counts(task_dir: Path) -> str:
     return ""
 
 
+def _op_name(task: str) -> str:
+    """The component a task runs: its name without the "-2", "-3" kfp appends to later uses of one op."""
+    return re.sub(r"-\d+$", "", task)
+
+
 _ITERATION = re.compile(r"^(for-loop-\d+)-iteration-(\d+)$")
 SHARDED = ("rollout-op", "score-op")  # the tasks a ParallelFor runs once per shard
 
@@ -92,7 +97,7 @@ SHARDED = ("rollout-op", "score-op")  # the tasks a ParallelFor runs once per sh
 def _shard_label(task_dir: Path) -> str:
     """A sharded task folder's label, e.g. " 2/4" for the second of four shards; "" for other tasks."""
     m = _ITERATION.match(task_dir.parent.name)
-    if not m or re.sub(r"-\d+$", "", task_dir.name) not in SHARDED:
+    if not m or _op_name(task_dir.name) not in SHARDED:
         return ""
     shards = len(list(task_dir.parent.parent.glob(f"{m.group(1)}-iteration-*")))
     return f" {int(m.group(2)) + 1}/{shards}"
@@ -146,7 +151,7 @@ class StageConsole:
             self.bar.update(1)
 
     def _title(self, task: str) -> str:
-        base = re.sub(r"-\d+$", "", task)
+        base = _op_name(task)
         return TITLES.get(base, base) + (f" [{task.rsplit('-', 1)[1]}]" if base != task else "")
 
     def _task_dir(self, task: str) -> Path:

@@ -243,8 +243,11 @@ class Stage:
     model (`model_fingerprint`), so an unchanged rerun skips and a changed one reruns.
     """
 
-    def __init__(self, name: str, out_dir: Path, config: Any, inputs_hash: str):
+    def __init__(
+        self, name: str, out_dir: Path, config: Any, inputs_hash: str, model_fingerprint: str | None
+    ):
         self.name, self.out_dir, self.config, self.inputs_hash = name, out_dir, config, inputs_hash
+        self.model_fingerprint = model_fingerprint  # hashed once: a model folder is hundreds of MB
         self.timer = Timer()
         self.done = completed_manifest(out_dir, inputs_hash)
         # Finished with other inputs: the folder is about to be rewritten, so it is no longer complete, and
@@ -279,5 +282,6 @@ def begin_stage(
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{name}: input(s) not found: {', '.join(missing)}")
-    digest = hash_files(paths, extra={"stage": name, "config": config, "model": model_fingerprint(model)})
-    return Stage(name, Path(out_dir), config, digest)
+    fingerprint = model_fingerprint(model)
+    digest = hash_files(paths, extra={"stage": name, "config": config, "model": fingerprint})
+    return Stage(name, Path(out_dir), config, digest, fingerprint)

@@ -394,31 +394,11 @@ def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], An
 _NO_DEFAULT = object()
 
 
-def _run_default(path: tuple[str, ...]) -> Any:
-    """The RunConfig default of a `run.…` setting path, as JSON; _NO_DEFAULT where there is none."""
-    from pydantic import BaseModel
-
+def _run_defaults() -> dict[tuple[str, ...], Any]:
+    """{setting path: RunConfig default} in the shape cell_settings records ("run", section, field)."""
     from unisd.runconfig import RunConfig
 
-    if path[:1] != ("run",):
-        return _NO_DEFAULT
-    model: Any = RunConfig
-    for i, name in enumerate(path[1:]):
-        field = (
-            model.model_fields.get(name) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        )
-        if field is None:
-            return _NO_DEFAULT
-        if i == len(path) - 2:
-            default = field.get_default(call_default_factory=True)
-            return json.loads(
-                json.dumps(
-                    default.model_dump(mode="json") if isinstance(default, BaseModel) else default,
-                    default=str,
-                )
-            )
-        model = field.annotation
-    return _NO_DEFAULT
+    return _leaves({"run": RunConfig().model_dump(mode="json")})
 
 
 def settings_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -426,13 +406,14 @@ def settings_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[st
     unisd since the result was written is no change while it is at its default: a new setting's default
     keeps what unisd did before it existed (the rule every new setting follows)."""
     old, new = _leaves(stored), _leaves(current)
+    defaults = _run_defaults()
     changes = []
     for path in sorted(old.keys() | new.keys()):
         name = ".".join(path)
         if path not in new:
             changes.append(f"{name}: {old[path]!r} -> (no longer a setting)")
         elif path not in old:
-            if new[path] != _run_default(path):
+            if new[path] != defaults.get(path, _NO_DEFAULT):
                 changes.append(f"{name}: (not a setting then) -> {new[path]!r}")
         elif old[path] != new[path]:
             changes.append(f"{name}: {old[path]!r} -> {new[path]!r}")

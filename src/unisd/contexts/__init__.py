@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from unisd.artifacts import begin_stage, model_fingerprint, read_json, read_jsonl, write_jsonl, write_text
+from unisd.artifacts import begin_stage, read_json, read_jsonl, write_jsonl, write_text
 from unisd.config import StrictModel
 from unisd.contexts.induced import (
     build_induced_pool,
@@ -224,7 +224,7 @@ def write_contexts(
     if cfg.negatives and kept:
         with timer("negatives_generate"):
             # Cached across runs only when the spec is what samples: a model passed in may be anything.
-            cache_model = model_fingerprint(model_spec) if model is None else None
+            cache_model = stage.model_fingerprint if model is None else None
             generated = generate_candidates(
                 kept, cfg, model=get_model(), tokenizer=tokenizer, cache_model=cache_model
             )
