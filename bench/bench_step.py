@@ -7,6 +7,7 @@ within every repeat, and the table gives min / median / max over repeats plus th
 
     python bench/bench_step.py                                    # SmolLM2-135M, CPU, 2 items per micro-batch
     python bench/bench_step.py --micro-batch 4 --grad-accum 2     # the demo's settings
+    python bench/bench_step.py --variants sd sd+released-heap  # glibc keeps freed heap, or returns it
     python bench/bench_step.py --device cuda --model random:qwen2.5-0.5b --micro-batch 8 \
         --prompt-tokens 512 --teacher-tokens 1024 --completion-tokens 512
 """
@@ -28,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+# `<preset>+released-heap` runs the preset with train.release_host_memory=true (freed heap back to the OS)
+RELEASED_HEAP = "released-heap"
 VARIANTS = ["sd", "sft", "agreement_tok_retrieval", "ema", "contrastive", "match_joint", "clip", "unisd_star"]
 
 
@@ -76,11 +79,13 @@ def child(args) -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    objective = preset(args.variant)
+    name, _, suffix = args.variant.partition("+")
+    objective = preset(name)
     cfg = TrainConfig(
         lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
         micro_batch_size=args.micro_batch,
         gradient_checkpointing=args.checkpointing,
+        release_host_memory=suffix == RELEASED_HEAP,
     )
     tokenizer, model, teacher = build_models(cfg, objective, args.model)
     if args.device != "cpu":

@@ -42,6 +42,7 @@ from unisd import distributed
 from unisd.artifacts import begin_stage, progress_dir, read_json, read_jsonl, write_json, write_jsonl
 from unisd.config import StrictModel
 from unisd.distributed import DeepSpeedEngine, PlainEngine, Precision, Ranks, TorchEngine, current_ranks
+from unisd.host_memory import release_before_each_layer
 from unisd.objective import LOSS_TERMS, ObjectiveConfig, compute_objective
 from unisd.rollout import DecodePath
 from unisd.sequences import (
@@ -85,6 +86,10 @@ class TrainConfig(StrictModel):
     # bf16 on GPU, fp32 on CPU
     dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64"] = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ≈ +30% compute)
+    # CPU only: hand freed heap memory back to the OS before each decoder layer (unisd.host_memory); glibc
+    # otherwise keeps a step's resident set near twice what is live. Same numbers; with gradient
+    # checkpointing the train step's peak goes 5.0 -> 2.1 GiB (SmolLM2, micro-batch 4) for +9-12% step time.
+    release_host_memory: bool = False
     max_bad_fraction: float = Field(
         0.1, ge=0.0, le=1.0
     )  # hard stop when more items than this are skipped as bad
@@ -300,6 +305,8 @@ def build_student(model_spec: str, cfg: TrainConfig, device: str, precision: Pre
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora.enabled:
             model.enable_input_require_grads()  # the frozen embeddings must hand a graph to the first layer
+    if cfg.release_host_memory and torch.device(device).type == "cpu":
+        release_before_each_layer(model)
     model.train()
     return model
 
