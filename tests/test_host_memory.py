@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from unisd.host_memory import release_freed_memory
+from unisd.host_memory import decoder_layers, release_freed_memory
 from unisd.objective import preset
 from unisd.train import LoraSettings, TrainConfig, build_models
 
@@ -45,9 +45,7 @@ def test_release_returns_freed_heap_pages_to_the_os():
 
 
 def _hooked_layers(model) -> int:
-    return sum(
-        len(m._forward_pre_hooks) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")
-    )
+    return sum(len(layer._forward_pre_hooks) for layer in decoder_layers(model))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -73,6 +71,5 @@ def test_training_step_is_the_same_with_the_release_hooks(checkpointing):
 
 
 def test_release_is_available_here():
-    assert (
-        release_freed_memory()
-    )  # this machine's glibc has malloc_trim; a silent no-op would hide a regression
+    # this machine's glibc has malloc_trim; a silent no-op would hide a regression
+    assert release_freed_memory()

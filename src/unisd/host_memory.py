@@ -33,19 +33,19 @@ def release_freed_memory() -> bool:
     return True
 
 
-def release_before_each_layer(model) -> list[Any]:
-    """Hook `release_freed_memory` in front of every decoder layer's forward; returns the hook handles.
+def decoder_layers(model) -> list[Any]:
+    """The model's decoder layers: modules whose class name ends in "DecoderLayer" (Llama, Qwen2, Gemma3, ...)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
-    A layer is a module whose class name ends in "DecoderLayer" (Llama, Qwen2, Gemma3, ...); a model without
-    such layers gets no hooks."""
-    if _malloc_trim() is None:
+
+def release_before_each_layer(model) -> list[Any]:
+    """Hook the release in front of every decoder layer's forward; returns the hook handles (none where the C
+    library cannot release, or the model has no decoder layers)."""
+    trim = _malloc_trim()
+    if trim is None:
         return []
 
     def before_layer(module, args):  # a forward pre-hook that returns None leaves the inputs as they are
-        release_freed_memory()
+        trim(0)
 
-    return [
-        module.register_forward_pre_hook(before_layer)
-        for module in model.modules()
-        if type(module).__name__.endswith("DecoderLayer")
-    ]
+    return [layer.register_forward_pre_hook(before_layer) for layer in decoder_layers(model)]
