@@ -106,7 +106,7 @@ def test_experiment_runs_resumes_and_reports(tmp_path):
     text = out.read_text()
     assert "## tiny:llama" in text and "| `sd` | 0,1 |" in text and "Δ vs base" in text
     assert "## Verdict" in text and "no UniSD* result yet" in text
-    assert (tmp_path / "docs" / "results" / "tiny_llama-delta.png").stat().st_size > 1000
+    assert (tmp_path / "docs" / "results" / "tiny-tiny_llama-delta.png").stat().st_size > 1000
 
 
 def test_a_setting_added_since_keeps_a_result_and_a_changed_one_reruns_it(tmp_path, caplog):

@@ -337,7 +337,10 @@ def cmd_experiment(args):
 
 def _experiment_report_args(p):
     p.add_argument(
-        "--results", required=True, help="the result files' folder (<model>/seed-<s>/<variant>.json)"
+        "--results",
+        required=True,
+        nargs="+",
+        help="one or more experiments' result folders (<model>/seed-<s>/<variant>.json)",
     )
     p.add_argument("--out", default="docs/RESULTS.md")
     p.add_argument("--notes", default=None, help="a Markdown file included after the header (interpretation)")

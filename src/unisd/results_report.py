@@ -2,7 +2,10 @@
 the macro score, paired-bootstrap 95% CIs of the difference to the base model and to plain SD, retention,
 reference fit, compute; plots (differences with CIs, score vs compute); an automatic verdict per model.
 
-    unisd experiment-report --results docs/results/cpu --out docs/RESULTS.md [--notes docs/results/notes.md]
+    unisd experiment-report --results docs/results/csqa [docs/results/scienceqa ...] --out docs/RESULTS.md \
+        [--notes docs/results/notes.md]
+
+One section per experiment × model (experiments never pool: their items and settings differ).
 
 Differences are paired on the same items and stratified by benchmark (each benchmark weighs the same, as
 the paper's average does); seeds of a variant are pooled as more paired items (the base model is greedy and
@@ -23,18 +26,20 @@ from unisd.artifacts import read_json, write_text
 from unisd.experiment import BASE
 from unisd.metrics import paired_bootstrap_stratified
 
-REFERENCE_VARIANTS = ("sft", "sd")  # the baselines UniSD* must beat
+REFERENCE_VARIANTS = ("sft", "sd")  # the baselines UniSD* must beat, listed first in a table
+BASELINE_PRESETS = ("sft", "sd")  # every variant of these presets (more steps, online, ...) is a baseline
+STAR_PRESET = "unisd_star"
 
 
-def load_results(results_dir: str | Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """{model: {variant: [result per seed, by seed]}} from results/<model>/seed-*/<variant>.json."""
-    out: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+def load_results(results_dir: str | Path) -> dict[tuple[str, str], dict[str, list[dict[str, Any]]]]:
+    """{(experiment, model): {variant: [result per seed, by seed]}} from results/<model>/seed-*/<variant>.json."""
+    out: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     files = sorted(Path(results_dir).glob("*/seed-*/*.json"))
     if not files:
         raise FileNotFoundError(f"no result files under {results_dir} (<model>/seed-<s>/<variant>.json)")
     for path in files:
         result = read_json(path)
-        out[result["model"]][result["variant"]].append(result)
+        out[(result["experiment"], result["model"])][result["variant"]].append(result)
     for variants in out.values():
         for runs in variants.values():
             runs.sort(key=lambda r: r["seed"])
@@ -86,6 +91,11 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def preset_of(result: Mapping[str, Any]) -> str:
+    """The preset a variant trained with (the base model has none)."""
+    return result.get("settings", {}).get("run", {}).get("preset") or result["variant"]
+
+
 def summarize_variant(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per-benchmark score (mean over seeds), macro score, retention, fit, compute of one variant."""
     benchmarks = sorted({b for r in runs for b in r["eval"]})
@@ -100,6 +110,7 @@ def summarize_variant(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     train_tokens = [r["train"]["tokens"] for r in runs if r.get("train") and r["train"].get("tokens")]
     return {
         "seeds": [r["seed"] for r in runs],
+        "preset": preset_of(runs[0]),
         "per_benchmark": per_bench,
         "macro": _mean(list(per_bench.values())),
         "unparseable": unparseable,
@@ -217,30 +228,35 @@ def activity_table(variants: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
 
 
 def verdict(model: str, rows: Sequence[Mapping[str, Any]], variants: Mapping[str, Sequence[Mapping]]) -> str:
-    """UniSD* against the base and the strongest baseline, said plainly (CIs decide, not the point estimate)."""
-    by = {r["variant"]: r for r in rows}
-    star = by.get("unisd_star")
-    if star is None:
+    """Every UniSD* variant against the base and the strongest baseline (the SFT or SD variant with the best
+    macro score), said plainly: the CIs decide, not the point estimates, and no UniSD* row is left out."""
+    stars = [r for r in rows if r["preset"] == STAR_PRESET]
+    if not stars:
         return f"- **{model}**: no UniSD* result yet."
 
     def said(c: Mapping[str, float] | None, other: str) -> str:
         if not c:
             return f"not compared with {other}"
-        ci = f"Δ {c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+        ci = f"Δ {c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], {c['n']} paired items"
         if c["low"] > 0:
             return f"better than {other} with 95% confidence ({ci})"
         if c["high"] < 0:
             return f"worse than {other} with 95% confidence ({ci})"
         return f"not distinguishable from {other} ({ci}: the CI spans 0)"
 
-    parts = [said(star.get("vs_base"), "the base model")]
-    baselines = [by[v] for v in REFERENCE_VARIANTS if v in by]
-    if baselines:
-        strongest = max(baselines, key=lambda r: r["macro"])["variant"]
-        versus = compare(item_scores(variants[strongest]), item_scores(variants["unisd_star"]))
-        parts.append(said(versus, f"the strongest baseline, `{strongest}`"))
+    baselines = [r for r in rows if r["preset"] in BASELINE_PRESETS and math.isfinite(r["macro"])]
+    strongest = max(baselines, key=lambda r: r["macro"])["variant"] if baselines else None
+    lines = []
+    for star in stars:
+        parts = [said(star.get("vs_base"), "the base model")]
+        if strongest:
+            versus = compare(item_scores(variants[strongest]), item_scores(variants[star["variant"]]))
+            parts.append(said(versus, f"the strongest baseline, `{strongest}`"))
+        seeds = ("seeds " if len(star["seeds"]) > 1 else "seed ") + ",".join(map(str, star["seeds"]))
+        lines.append(f"  - `{star['variant']}` ({seeds}: {star['macro']:.3f}): {'; '.join(parts)}.")
     best = max(rows, key=lambda r: r["macro"] if math.isfinite(r["macro"]) else -1)
-    return f"- **{model}**: UniSD* is {'; '.join(parts)}. Best macro score: `{best['variant']}` ({best['macro']:.3f})."
+    head = f"- **{model}**: best macro score `{best['variant']}` ({best['macro']:.3f}). UniSD*:"
+    return "\n".join([head, *lines])
 
 
 def _plot_deltas(model: str, rows: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -289,16 +305,30 @@ def _slug(model: str) -> str:
 
 
 def build_results_report(
-    results_dir: str | Path, out_md: str | Path, *, notes: str | Path | None = None
+    results_dirs: str | Path | Sequence[str | Path], out_md: str | Path, *, notes: str | Path | None = None
 ) -> Path:
-    """Write RESULTS.md (and PNG plots next to it under results/) from the result files."""
-    results = load_results(results_dir)
+    """Write RESULTS.md (and PNG plots next to it under results/) from the result files of one or more
+    experiments' folders."""
+    dirs = [results_dirs] if isinstance(results_dirs, (str, Path)) else list(results_dirs)
+    groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
+    for results_dir in dirs:
+        for key, variants in load_results(results_dir).items():
+            if key in groups:
+                raise ValueError(
+                    f"experiment {key[0]!r}, model {key[1]!r}: result files in two folders ({dirs})"
+                )
+            groups[key] = variants
     out_md = Path(out_md)
     plots = out_md.parent / "results"
     plots.mkdir(parents=True, exist_ok=True)
-    all_runs = [r for variants in results.values() for runs in variants.values() for r in runs]
+    all_runs = [r for variants in groups.values() for runs in variants.values() for r in runs]
     total_s = sum(r["seconds"]["variant_total"] for r in all_runs)
-    shared_s = sum(sum(r["seconds"]["shared"].values()) for r in all_runs)
+    # a shared stage's time is in the file of every variant that used it: count it once per seed
+    shared: dict[tuple[str, str, int, str], float] = {}
+    for r in all_runs:
+        for stage, seconds in r["seconds"]["shared"].items():
+            shared[(r["experiment"], r["model"], r["seed"], stage)] = seconds
+    shared_s = sum(shared.values())
     dates = sorted(r["finished_at"] for r in all_runs)
     machines = sorted(
         {
@@ -309,40 +339,46 @@ def build_results_report(
     lines = [
         "# Results: does UniSD improve a small model?",
         "",
-        f"Generated by `unisd experiment-report --results {results_dir} --out {out_md}` from the committed result",
-        "files (one per model × seed × variant, written by `unisd experiment`). Scores are on held-out items",
-        "only. **Bold** differences have a 95% paired-bootstrap CI (stratified by benchmark) that excludes 0.",
+        f"Generated by `unisd experiment-report --results {' '.join(map(str, dirs))} --out {out_md}` from the",
+        "committed result files (one per experiment × model × seed × variant, written by `unisd experiment`).",
+        "Scores are on held-out items only. **Bold** differences have a 95% paired-bootstrap CI (stratified by",
+        "benchmark) that excludes 0.",
         "",
         f"- machine: {'; '.join(machines)}",
         f"- finished: {dates[0]} … {dates[-1]}",
-        f"- compute: {len(all_runs)} result files, {total_s / 3600:.2f} h of variant time + {shared_s / 3600:.2f} h of shared stages",
+        f"- compute: {len(all_runs)} result files, {total_s / 3600:.2f} h of variant time + {shared_s / 3600:.2f} h"
+        " of shared stages (prepare, contexts, rollout, scores: once per experiment × model × seed)",
         "",
     ]
     if notes and Path(notes).exists():
         lines += [Path(notes).read_text().strip(), ""]
     verdicts = []
-    for model, variants in results.items():
+    for (experiment, model), variants in groups.items():
         rows, benchmarks = model_table(variants)
         items = rows[0]["items"]
+        slug = f"{_slug(experiment)}-{_slug(model)}"
+        title = f"{model} · {', '.join(benchmarks)}"
         lines += [
-            f"## {model}",
+            f"## {title}",
             "",
-            "Held-out items per benchmark: " + ", ".join(f"{b} {n}" for b, n in items.items()) + ".",
+            f"Experiment `{experiment}`. Held-out items per benchmark: "
+            + ", ".join(f"{b} {n}" for b, n in items.items())
+            + ".",
             "",
             markdown_table(rows, benchmarks),
         ]
         if any(r.get("vs_base") for r in rows):
-            _plot_deltas(model, rows, plots / f"{_slug(model)}-delta.png")
-            _plot_compute(model, rows, plots / f"{_slug(model)}-compute.png")
+            _plot_deltas(title, rows, plots / f"{slug}-delta.png")
+            _plot_compute(title, rows, plots / f"{slug}-compute.png")
             lines += [
-                f"![{model}: difference to base](results/{_slug(model)}-delta.png)",
-                f"![{model}: score vs compute](results/{_slug(model)}-compute.png)",
+                f"![{title}: difference to base](results/{slug}-delta.png)",
+                f"![{title}: score vs compute](results/{slug}-compute.png)",
                 "",
             ]
         activity = activity_table(variants)
         if activity:
             lines += ["What each component did in training (last step, mean over seeds):", "", activity]
-        verdicts.append(verdict(model, rows, variants))
+        verdicts.append(verdict(title, rows, variants))
     lines += ["## Verdict", "", *verdicts, ""]
     write_text(out_md, "\n".join(lines))
     return out_md
