@@ -1,14 +1,19 @@
-"""Rollout decode throughput: HF `model.generate` vs unisd's pruned decode loop (finished rows leave the batch)
-and the static-KV-cache path with a compiled decode step (`--paths hf pruned static`), on the same real prompts
+"""Rollout decode throughput: HF `model.generate` vs unisd's pruned decode loop (finished rows leave the batch),
+the continuous one (waiting prompts take the freed rows; prefill bucketed by prompt length) and the
+static-KV-cache path with a compiled decode step (`--paths hf pruned continuous static`), on the same real prompts
 (CommonsenseQA + MBPP training items), side by side, alternating, in one run. The static path's first call
 compiles; its time is printed apart and left out of the rates.
 
-Both produce the same greedy tokens (tests/test_rollout.py checks it); what differs is how much compute a
+A path named `<path>@bfloat16` decodes with bf16 weights (`rollout.dtype`); its row also prints the staleness
+its log-probs would show in scoring: mean |logp_rollout − logp_fp32 re-score| over its tokens.
+
+The fp32 paths produce the same greedy tokens (tests/test_rollout.py checks it); what differs is how much compute a
 batch spends waiting: with HF generate every row of a batch runs until the longest answer is done. Reported:
 useful tokens per second (completion tokens, EOS included), min / median / max over repeats, and the share
 of decoded positions that were useful under HF generate.
 
     python bench/bench_rollout.py                         # SmolLM2-135M, CPU, batch 1 and 16
+    python bench/bench_rollout.py --items 64 --batch-sizes 1 16 --paths hf pruned continuous pruned@bfloat16
     python bench/bench_rollout.py --device cuda --batch-sizes 16 64 --items 64 --paths hf pruned static
 """
 
@@ -30,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from unisd.artifacts import read_jsonl  # noqa: E402
 from unisd.models import load_model, load_tokenizer  # noqa: E402
 from unisd.prepare import PrepareConfig, run_prepare  # noqa: E402
-from unisd.rollout import DECODERS, RolloutConfig  # noqa: E402
+from unisd.rollout import DECODERS, RolloutConfig, prompts_per_call  # noqa: E402
+
+DTYPES = RolloutConfig.model_fields["dtype"].annotation.__args__  # one source: the config's own choices
 
 
 def prompts_of(model_spec: str, items: int, tokenizer) -> list[list[int]]:
@@ -40,16 +47,32 @@ def prompts_of(model_spec: str, items: int, tokenizer) -> list[list[int]]:
         return [r["student_prompt_ids"] for r in read_jsonl(Path(tmp) / "train.jsonl")][:items]
 
 
-def run(fn, model, tokenizer, prompts, cfg, batch_size: int) -> tuple[float, int, int]:
-    """(seconds, useful tokens, decoded positions) over all prompts in batches."""
+def run(fn, model, tokenizer, prompts, cfg) -> tuple[float, int, int]:
+    """(seconds, useful tokens, decoded positions) over all prompts, handed over as the stages hand them
+    (`prompts_per_call`: a batch, or for `continuous` a queue of batches with batch_size rows in flight)."""
     useful = positions = 0
+    per_call = prompts_per_call(cfg)
+    outputs = []
     start = time.perf_counter()
-    for b in range(0, len(prompts), batch_size):
-        out = fn(model, tokenizer, prompts[b : b + batch_size], cfg, first_index=b)
+    for b in range(0, len(prompts), per_call):
+        out = fn(model, tokenizer, prompts[b : b + per_call], cfg, first_index=b)
         lengths = [len(ids) for ids, _, _ in out]
         useful += sum(lengths)
         positions += max(lengths) * len(lengths)
-    return time.perf_counter() - start, useful, positions
+        outputs += out
+    return time.perf_counter() - start, useful, positions, outputs
+
+
+def staleness(model, prompts, outputs, pad_id: int) -> float:
+    """Mean |recorded log-prob − the fp32 model's teacher-forced log-prob| over every generated token."""
+    from unisd.scoring import _score_rows_plain
+
+    gaps = []
+    for p, (ids, _, logps) in zip(prompts, outputs):
+        if ids:
+            rescored = _score_rows_plain(model, [p], [ids], pad_id=pad_id, chunk_size=1024)[0][0]
+            gaps += [abs(a - b) for a, b in zip(logps, rescored)]
+    return statistics.fmean(gaps)
 
 
 def main() -> None:
@@ -62,12 +85,24 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (equal outputs on both paths)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--paths", nargs="+", default=["hf", "pruned"], choices=sorted(DECODERS))
+    p.add_argument(
+        "--paths",
+        nargs="+",
+        default=["hf", "pruned"],
+        help=f"of {sorted(DECODERS)}, each optionally @bfloat16",
+    )
     args = p.parse_args()
+    for spec in args.paths:
+        name, _, dtype = spec.partition("@")
+        if name not in DECODERS or (dtype and dtype not in DTYPES):
+            p.error(f"--paths {spec}: expected one of {sorted(DECODERS)}, optionally @<{'|'.join(DTYPES)}>")
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=args.device)
+    models = {"": model}
+    for dtype in {spec.partition("@")[2] for spec in args.paths} - {""}:
+        models[dtype] = load_model(args.model, device=args.device, dtype=dtype)
     prompts = prompts_of(args.model, args.items, tokenizer)
     cfg = RolloutConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     paths = ["hf", *[name for name in args.paths if name != "hf"]]  # hf: the reference of every ratio
@@ -86,13 +121,23 @@ def main() -> None:
             print(f"| {bs} | static: first call (compiles) | {time.perf_counter() - started:.1f} s | |")
         rates: dict[str, list[float]] = {name: [] for name in paths}
         shares: dict[str, float] = {}
+        stale: dict[str, float] = {}
         for _ in range(args.repeats):
             for name in paths:
-                seconds, useful, positions = run(DECODERS[name], model, tokenizer, prompts, batch_cfg, bs)
+                decode, _, dtype = name.partition("@")
+                path_cfg = batch_cfg.model_copy(update={"decode": decode})
+                seconds, useful, positions, outputs = run(
+                    DECODERS[decode], models[dtype], tokenizer, prompts, path_cfg
+                )
                 rates[name].append(useful / seconds)
                 shares[name] = useful / positions
+                if dtype:
+                    stale[name] = staleness(model, prompts, outputs, tokenizer.pad_token_id)
+        left = {"pruned": "100% (finished rows leave)", "continuous": "100% (rows leave, waiting ones join)"}
         for name, r in rates.items():
-            shown = "100% (finished rows leave)" if name == "pruned" else f"{shares[name]:.0%}"
+            shown = left.get(name.partition("@")[0], f"{shares[name]:.0%}")
+            if name in stale:
+                shown += f"; staleness vs fp32 {stale[name]:.4f}"
             print(f"| {bs} | {name} | {min(r):.1f} / {statistics.median(r):.1f} / {max(r):.1f} | {shown} |")
         for name in paths[1:]:
             ratio = statistics.median(rates[name]) / statistics.median(rates["hf"])

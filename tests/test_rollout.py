@@ -9,6 +9,7 @@ from unisd.models import tiny_model
 from unisd.rollout import (
     PARTIAL_KEY,
     RolloutConfig,
+    generate_continuous,
     generate_hf,
     generate_pruned,
     generate_static,
@@ -163,6 +164,50 @@ def test_pruned_decode_equals_hf_generate_greedy_and_its_logps_are_exact(arch):
         assert logps == pytest.approx(rescored, abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_continuous_decode_refills_rows_yet_equals_hf_generate_and_its_logps_are_exact(arch):
+    """Two rows in flight for seven prompts of mixed lengths: finished rows leave, waiting prompts are
+    prefilled (bucketed by length) and join with their KV left-padded into the batch, and every row still
+    gets HF generate's greedy tokens and log-probs equal to a teacher-forced re-score."""
+    model = tiny_model(arch, vocab_size=64, seed=3)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [10, 11], [12, 13, 14], [20, 21, 22, 23], [30], [31, 32], [1] * 9]
+    cfg = RolloutConfig(temperature=0.0, max_new_tokens=12, batch_size=2, decode="continuous")
+
+    class Tok(_Tok):
+        eos_token_id = 63
+
+    model.generation_config.eos_token_id = 63
+    first_row = generate_hf(model, Tok(), prompts, cfg)[0][0]
+    Tok.eos_token_id = model.generation_config.eos_token_id = first_row[min(2, len(first_row) - 1)]
+    hf = [generate_hf(model, Tok(), [p], cfg)[0] for p in prompts]  # one by one: no padding at all
+    continuous = generate_continuous(model, Tok(), prompts, cfg)
+    assert [r[0] for r in continuous] == [r[0] for r in hf] and [r[1] for r in continuous] == [
+        r[1] for r in hf
+    ]
+    assert len({len(ids) for ids, _, _ in continuous}) > 1  # rows really finished at different steps
+    for p, (ids, _, logps) in zip(prompts, continuous):
+        rescored = _score_rows_plain(model, [p], [ids], pad_id=0, chunk_size=4)[0][0]
+        assert logps == pytest.approx(rescored, abs=1e-4)
+    sampled = RolloutConfig(
+        temperature=0.8, top_p=0.9, max_new_tokens=10, seed=5, batch_size=2, decode="continuous"
+    )
+    first = generate_continuous(model, Tok(), prompts, sampled)
+    assert first == generate_continuous(model, Tok(), prompts, sampled)  # seeded
+    # each row draws from its own generator: the same samples with every prompt in flight at once
+    wide = generate_continuous(model, Tok(), prompts, sampled.model_copy(update={"batch_size": 7}))
+    assert [r[0] for r in wide] == [r[0] for r in first]
+    for p, (ids, _, logps) in zip(prompts, first):
+        rescored = _score_rows_plain(model, [p], [ids], pad_id=0, chunk_size=4)[0][0]
+        assert logps == pytest.approx(rescored, abs=1e-4)
+
+
+def test_continuous_decode_refuses_a_sliding_window_cache():
+    model = tiny_model("gemma3", vocab_size=64, seed=3)
+    cfg = RolloutConfig(temperature=0.0, max_new_tokens=4, batch_size=2, decode="continuous")
+    with pytest.raises(ValueError, match="use decode: pruned"):
+        generate_continuous(model, _Tok(), [[5, 6, 7], [8, 9]], cfg)
+
+
 def test_static_cache_compiled_decode_equals_hf_generate_and_its_logps_are_exact():
     """decode=static (a static KV cache, the decode step compiled; padded to a width bucket and a full batch):
     HF generate's greedy tokens for every row, and log-probs equal to a teacher-forced re-score."""
@@ -185,3 +230,31 @@ def test_static_cache_compiled_decode_equals_hf_generate_and_its_logps_are_exact
     for p, (ids, _, logps) in zip([p[:2] for p in prompts], first):  # temperature-1 log-probs, exact
         rescored = _score_rows_plain(model, [p], [ids], pad_id=0, chunk_size=4)[0][0]
         assert logps == pytest.approx(rescored, abs=1e-4)
+
+
+def test_rollout_in_bfloat16_records_the_bf16_samplers_logps(tmp_path):
+    """rollout.dtype=bfloat16 decodes with bf16 weights: the recorded log-probs are that sampler's (close to
+    the fp32 trainer's re-score, and not equal to it: the staleness scoring reports is the precision gap)."""
+    from unisd.models import load_model
+
+    prepared = tmp_path / "prepared"
+    write_jsonl(
+        prepared / "train.jsonl",
+        [
+            {"id": f"x/{i}", "student_prompt_ids": [5 + i, 6, 7, 8], "teacher_prompt_ids": [1]}
+            for i in range(3)
+        ],
+    )
+    cfg = RolloutConfig(backend="hf", temperature=0.0, max_new_tokens=6, batch_size=3, dtype="bfloat16")
+    run_rollout(
+        cfg, model_spec="tiny:llama", prepared_dir=prepared, out_dir=tmp_path / "out", tokenizer=_Tok()
+    )
+    rows = read_jsonl(tmp_path / "out" / "completions.jsonl")
+    fp32 = load_model("tiny:llama", dtype="float32")
+    gaps = []
+    for i, row in enumerate(rows):
+        rescored = _score_rows_plain(
+            fp32, [[5 + i, 6, 7, 8]], [row["completion_ids"]], pad_id=0, chunk_size=4
+        )
+        gaps += [abs(a - b) for a, b in zip(row["logps"], rescored[0][0])]
+    assert 1e-4 < max(gaps) < 0.1  # fp32 decoding would agree to ~1e-6

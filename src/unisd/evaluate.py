@@ -103,7 +103,7 @@ def generate_completions(
     killed eval loses at most one batch). A row is reused only if it was made from the same prompt under
     the same `progress_key` (the model) and decoding settings, so a changed run starts over.
     """
-    from unisd.rollout import RolloutConfig, generate
+    from unisd.rollout import RolloutConfig, generate, prompts_per_call
 
     rcfg = RolloutConfig(
         temperature=cfg.sample_temperature if sample else 0.0,
@@ -124,8 +124,9 @@ def generate_completions(
             done[i] = (row["ids"], row["finished"])
     progress_file.parent.mkdir(parents=True, exist_ok=True)
     with open(progress_file, "a") as sink:
-        for b in tqdm(range(0, len(prompts), cfg.batch_size), desc="eval generate", unit="batch"):
-            batch = range(b, min(b + cfg.batch_size, len(prompts)))
+        per_call = prompts_per_call(rcfg)
+        for b in tqdm(range(0, len(prompts), per_call), desc="eval generate", unit="call"):
+            batch = range(b, min(b + per_call, len(prompts)))
             if all(i in done for i in batch):
                 continue
             results = generate(model, tokenizer, [prompts[i] for i in batch], rcfg, first_index=b)

@@ -47,13 +47,18 @@ log = logging.getLogger(__name__)
 
 
 # The HF-model decode loops: "hf" = model.generate; "pruned" = finished rows leave the batch (generate_pruned);
+# "continuous" = pruned, and waiting prompts take the freed rows (generate_continuous; the CPU's fastest);
 # "static" = model.generate with a static KV cache and a compiled decode step (generate_static; for GPUs).
-DecodePath = Literal["hf", "pruned", "static"]
+DecodePath = Literal["hf", "pruned", "continuous", "static"]
 
 
 class RolloutConfig(StrictModel):
     backend: Literal["auto", "hf", "vllm"] = "auto"
     decode: DecodePath = "hf"
+    # The weights the rollout stage decodes with (HF backend): "auto" = bf16 on CUDA, fp32 on CPU. bf16 on a
+    # CPU with AVX512-BF16 decodes ≈1.6× faster; the recorded log-probs are then the bf16 sampler's own, and
+    # scoring's staleness (|logp_rollout − logp_trainer|) shows the precision gap (docs/PERFORMANCE.md).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.7, ge=0.0)  # 0 = greedy; the reference trains with T_r = 0.7, top_p = 1
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -245,6 +250,177 @@ def generate_pruned(
     return [(tokens[i], finished[i], logps[i]) for i in range(n)]
 
 
+# `continuous` takes this many batches' prompts per call, batch_size of them in flight at a time, so that a row
+# freed by a short answer has a waiting prompt to take it (a killed stage still keeps every finished call).
+CONTINUOUS_QUEUE_BATCHES = 4
+PREFILL_WIDTH_SPREAD = (
+    1.25  # prompts prefilled together differ in length by at most this factor (less padding)
+)
+
+
+def prompts_per_call(cfg: RolloutConfig) -> int:
+    """How many prompts a caller hands one `generate` call: a batch, or a queue of batches for `continuous`."""
+    return cfg.batch_size * (CONTINUOUS_QUEUE_BATCHES if cfg.decode == "continuous" else 1)
+
+
+def _length_buckets(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices grouped so that each group's longest prompt is ≤ PREFILL_WIDTH_SPREAD × its shortest."""
+    buckets: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if buckets and lengths[i] <= PREFILL_WIDTH_SPREAD * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`t` with zeros prepended along `dim` up to `width`."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _full_attention_layers(cache, model) -> list:
+    """The cache's layers, refusing caches whose rows cannot be re-padded (sliding windows, recurrent state)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = list(cache.layers)
+    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    if odd:
+        raise ValueError(
+            f"decode: continuous needs full-attention KV caches; {type(model).__name__} has {', '.join(odd)} "
+            "layers — use decode: pruned for this model"
+        )
+    return layers
+
+
+@torch.no_grad()
+def generate_continuous(
+    model, tokenizer, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, *, first_index: int = 0
+) -> list[tuple[list[int], bool, list[float]]]:
+    """`generate_pruned` with refills: at most `cfg.batch_size` rows decode at once; when a quarter of them
+    have finished, the next waiting prompts are prefilled and join the batch, so the batch stays full while
+    long answers finish. Prefill groups prompts of similar length (no row pads past 1.25× its own length),
+    and the joined rows' KV entries are left-padded to the batch's width and masked, exactly as a left-padded
+    batch is. Same returns as `generate_hf`.
+
+    Greedy tokens equal HF generate's (tests/test_rollout.py); the log-probs are the model's own at temperature
+    1 from the logits each token was drawn from. Sampling draws row i from its own generator seeded
+    `cfg.seed + first_index + i`, so a row's sample does not depend on which rows shared its batch.
+    Full-attention models only (a sliding-window cache cannot be re-padded; use `pruned` there).
+    """
+    device = next(model.parameters()).device
+    eos = torch.tensor(sorted(eos_token_ids(tokenizer, model)), device=device)
+    n = len(prompts)
+    generators = (
+        [torch.Generator(device=device).manual_seed(cfg.seed + first_index + i) for i in range(n)]
+        if cfg.temperature > 0
+        else None
+    )
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    finished = [False] * n
+    waiting = list(range(n))[::-1]  # popped from the end: prompts join in the order given
+    rows: list[int] = []  # batch position → prompt index, for the rows still writing
+    keys: list[torch.Tensor] = []  # per layer [rows, kv heads, width, head dim]
+    values: list[torch.Tensor] = []
+    attention = torch.zeros(0, 0, dtype=torch.long, device=device)
+    logits = torch.zeros(0, 0, device=device)
+    refill_at = max(1, cfg.batch_size // 4)
+    while rows or waiting:
+        free = cfg.batch_size - len(rows)
+        if waiting and (not rows or free >= refill_at):
+            joined = [waiting.pop() for _ in range(min(free, len(waiting)))]
+            parts = [(keys, values, attention, logits)] if rows else []
+            for bucket in _length_buckets([len(prompts[i]) for i in joined]):
+                parts.append(_prefill(model, tokenizer, [prompts[joined[b]] for b in bucket], device))
+                rows += [joined[b] for b in bucket]
+            keys, values, attention, logits = _join(parts)
+        next_ids, next_logps = _next_tokens_per_row(logits, cfg, generators, rows)
+        done = torch.isin(next_ids, eos)
+        for b, (r, t, lp, d) in enumerate(zip(rows, next_ids.tolist(), next_logps.tolist(), done.tolist())):
+            tokens[r].append(t)
+            logps[r].append(lp)
+            finished[r] = d
+            done[b] = d or len(tokens[r]) == cfg.max_new_tokens
+        keep = (~done).nonzero().squeeze(1)
+        if keep.numel() < len(rows):  # drop the finished rows (a copy of the cache: only when one finished)
+            rows = [rows[b] for b in keep.tolist()]
+            if not rows:
+                continue
+            attention, next_ids = attention[keep], next_ids[keep]
+            keys, values = [k[keep] for k in keys], [v[keep] for v in values]
+            lead = int((attention.sum(0) == 0).cumprod(0).sum())  # columns every remaining row pads: drop
+            if lead:
+                attention = attention[:, lead:]
+                keys, values = [k[:, :, lead:] for k in keys], [v[:, :, lead:] for v in values]
+        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+        cache = _cache_of(keys, values)
+        out = model(
+            input_ids=next_ids[:, None],
+            attention_mask=attention,
+            position_ids=attention.sum(-1, keepdim=True) - 1,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        layers = _full_attention_layers(out.past_key_values, model)
+        keys, values = [layer.keys for layer in layers], [layer.values for layer in layers]
+        logits = out.logits[:, -1]
+    return [(tokens[i], finished[i], logps[i]) for i in range(n)]
+
+
+def _prefill(model, tokenizer, prompts: Sequence[Sequence[int]], device):
+    """One left-padded prefill → (per-layer keys, per-layer values, attention [B, W], last logits [B, V])."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(list(p))
+        attention[i, width - len(p) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=(attention.cumsum(-1) - 1).masked_fill(
+            attention == 0, 1
+        ),  # as HF generate computes them
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    layers = _full_attention_layers(out.past_key_values, model)
+    return [layer.keys for layer in layers], [layer.values for layer in layers], attention, out.logits[:, -1]
+
+
+def _join(parts):
+    """Several (per-layer keys, per-layer values, attention, logits) row groups as one batch, every group
+    left-padded (zeros, masked) to the widest."""
+    width = max(part[2].shape[1] for part in parts)
+    layers = range(len(parts[0][0]))
+    keys = [torch.cat([_left_pad(part[0][layer], width, 2) for part in parts]) for layer in layers]
+    values = [torch.cat([_left_pad(part[1][layer], width, 2) for part in parts]) for layer in layers]
+    attention = torch.cat([_left_pad(part[2], width, 1) for part in parts])
+    return keys, values, attention, torch.cat([part[3] for part in parts])
+
+
+def _cache_of(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
+    """A DynamicCache holding these per-layer key/value tensors."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(zip(keys, values)))
+
+
+def _next_tokens_per_row(logits: torch.Tensor, cfg: RolloutConfig, generators, rows: Sequence[int]):
+    """`_next_tokens` with each row drawing from its own prompt's generator (greedy needs none)."""
+    if generators is None:
+        return _next_tokens(logits, cfg, None)
+    drawn = [_next_tokens(logits[b : b + 1], cfg, generators[r]) for b, r in enumerate(rows)]
+    return torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
+
+
 STATIC_WIDTH_STEP = 128  # prompt widths are padded to a multiple of this: one compiled graph per bucket
 
 
@@ -295,7 +471,12 @@ def _next_tokens(logits: torch.Tensor, cfg: RolloutConfig, generator: torch.Gene
     return next_ids, logp.gather(1, next_ids[:, None]).squeeze(1)
 
 
-DECODERS = {"hf": generate_hf, "pruned": generate_pruned, "static": generate_static}
+DECODERS = {
+    "hf": generate_hf,
+    "pruned": generate_pruned,
+    "continuous": generate_continuous,
+    "static": generate_static,
+}
 
 
 def generate(model, tokenizer, prompts, cfg: RolloutConfig, *, first_index: int = 0):
@@ -435,7 +616,7 @@ def run_rollout(
         cfg.num_shards,
     )
     with timer("generate"):
-        append_completions(todo, decode, tokenizer, cfg.batch_size, partial, done_rows)
+        append_completions(todo, decode, tokenizer, prompts_per_call(cfg), partial, done_rows)
     rows = [done_rows[it["id"]] for it in items]
     _write_completions(out_dir, rows, partial)
     counts = _rollout_counts(cfg, rows, start, end, timer.timings)
@@ -467,7 +648,7 @@ def _decoder(cfg: RolloutConfig, backend: str, model_spec: str, tokenizer, *, mo
 
         engine = VLLMRollout(resolve_model_path(model_spec), cfg)
         return engine.generate
-    model = model or load_model(model_spec)
+    model = model or load_model(model_spec, dtype=cfg.dtype)
 
     def decode(prompts, *, first_index):
         return generate(model, tokenizer, prompts, cfg, first_index=first_index)
@@ -501,12 +682,12 @@ def _rollout_counts(
 PARTIAL_KEY = "partial.key"
 
 
-def append_completions(todo, decode, tokenizer, batch_size: int, partial: Path, done_rows: dict) -> None:
-    """Generate the `todo` items (index, row) batch by batch, appending each finished batch to `partial` (a
-    killed rollout keeps every finished batch) and to `done_rows`."""
+def append_completions(todo, decode, tokenizer, per_call: int, partial: Path, done_rows: dict) -> None:
+    """Generate the `todo` items (index, row) `per_call` at a time (`prompts_per_call`), appending each finished
+    call's rows to `partial` (a killed rollout keeps every finished call) and to `done_rows`."""
     with open(partial, "a") as sink, tqdm(total=len(todo), desc="rollout", unit="item") as bar:
-        for b in range(0, len(todo), batch_size):
-            chunk = todo[b : b + batch_size]
+        for b in range(0, len(todo), per_call):
+            chunk = todo[b : b + per_call]
             results = decode([it["student_prompt_ids"] for _, it in chunk], first_index=chunk[0][0])
             for (_, it), (ids, finished, logps) in zip(chunk, results):
                 text = tokenizer.decode(ids, skip_special_tokens=True)

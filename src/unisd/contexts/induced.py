@@ -11,13 +11,16 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from unisd.artifacts import read_json, write_json
 from unisd.data import encode_prompt, solved_example
 from unisd.data.records import Record
+
+if TYPE_CHECKING:
+    from unisd.rollout import DecodePath
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +35,14 @@ def sample_texts(
     batch_size: int,
     seed: int,
     desc: str,
-    decode: str = "hf",
+    decode: DecodePath = "hf",
     cache_model: str | None = None,
 ) -> list[str]:
     """One sampled completion per prompt, decoded. Prompts are batched by length (less padding); every
     batch's seed follows from its position, so the same prompts give the same texts. With `cache_model` (the
     model's fingerprint) every batch goes through the cross-run SampleCache: one already sampled is read back."""
     from unisd.contexts.sample_cache import SampleCache
-    from unisd.rollout import RolloutConfig, generate
+    from unisd.rollout import RolloutConfig, generate, prompts_per_call
 
     cfg = RolloutConfig(
         backend="hf",
@@ -52,9 +55,10 @@ def sample_texts(
     cache = SampleCache(cache_model, cfg.model_dump(mode="json")) if cache_model else None
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     texts: list[str] = [""] * len(prompts)
+    per_call = prompts_per_call(cfg)
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
-        for b in range(0, len(order), batch_size):
-            chunk = order[b : b + batch_size]
+        for b in range(0, len(order), per_call):
+            chunk = order[b : b + per_call]
             batch = [prompts[i] for i in chunk]
             written = cache.get(batch, b) if cache else None
             if written is None:
@@ -69,7 +73,7 @@ def sample_texts(
             bar.update(len(chunk))
     if cache and cache.hits:
         log.info(
-            "%s: %d of %d batches read from the sample cache", desc, cache.hits, -(-len(order) // batch_size)
+            "%s: %d of %d batches read from the sample cache", desc, cache.hits, -(-len(order) // per_call)
         )
     return texts
 
