@@ -203,14 +203,8 @@ def generate_pruned(
     draws from a generator seeded with `cfg.seed + first_index` (reproducible; not HF's random stream).
     """
     device = next(model.parameters()).device
-    n, width = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p) :] = torch.tensor(list(p))
-        attention[i, width - len(p) :] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)  # as HF generate computes them
+    n = len(prompts)
+    input_ids, attention, positions = _left_padded(prompts, tokenizer.pad_token_id, device)
     eos = torch.tensor(sorted(eos_token_ids(tokenizer, model)), device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + first_index)
     out = model(
@@ -238,16 +232,35 @@ def generate_pruned(
         if keep.numel() < rows.numel():  # drop the finished rows from the batch and its cache
             cache.batch_select_indices(keep)
             rows, attention, next_ids = rows[keep], attention[keep], next_ids[keep]
-        attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
-        out = model(
-            input_ids=next_ids[:, None],
-            attention_mask=attention,
-            position_ids=attention.sum(-1, keepdim=True) - 1,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        out, attention = _decode_step(model, next_ids, attention, cache)
         cache, logits = out.past_key_values, out.logits[:, -1]
     return [(tokens[i], finished[i], logps[i]) for i in range(n)]
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device):
+    """Prompts left-padded to the longest → (input ids [B, W], attention [B, W], positions [B, W] as HF
+    generate computes them)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(list(p))
+        attention[i, width - len(p) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    return input_ids, attention, (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)
+
+
+def _decode_step(model, next_ids: torch.Tensor, attention: torch.Tensor, cache):
+    """One token per row [B] after `cache` → (the model's output, attention [B, W + 1] with the new column)."""
+    attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
+    out = model(
+        input_ids=next_ids[:, None],
+        attention_mask=attention,
+        position_ids=attention.sum(-1, keepdim=True) - 1,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out, attention
 
 
 # `continuous` takes this many batches' prompts per call, batch_size of them in flight at a time, so that a row
@@ -358,15 +371,7 @@ def generate_continuous(
             if lead:
                 attention = attention[:, lead:]
                 keys, values = [k[:, :, lead:] for k in keys], [v[:, :, lead:] for v in values]
-        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
-        cache = _cache_of(keys, values)
-        out = model(
-            input_ids=next_ids[:, None],
-            attention_mask=attention,
-            position_ids=attention.sum(-1, keepdim=True) - 1,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        out, attention = _decode_step(model, next_ids, attention, _cache_of(keys, values))
         layers = _full_attention_layers(out.past_key_values, model)
         keys, values = [layer.keys for layer in layers], [layer.values for layer in layers]
         logits = out.logits[:, -1]
@@ -375,19 +380,11 @@ def generate_continuous(
 
 def _prefill(model, tokenizer, prompts: Sequence[Sequence[int]], device):
     """One left-padded prefill → (per-layer keys, per-layer values, attention [B, W], last logits [B, V])."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p) :] = torch.tensor(list(p))
-        attention[i, width - len(p) :] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
+    input_ids, attention, positions = _left_padded(prompts, tokenizer.pad_token_id, device)
     out = model(
         input_ids=input_ids,
         attention_mask=attention,
-        position_ids=(attention.cumsum(-1) - 1).masked_fill(
-            attention == 0, 1
-        ),  # as HF generate computes them
+        position_ids=positions,
         use_cache=True,
         logits_to_keep=1,
     )
