@@ -77,6 +77,10 @@ def test_experiment_runs_resumes_and_reports(tmp_path):
         "variants",
     ]
     assert not (seed0 / "variants" / "sd" / "train" / "merged").exists()  # weights dropped after eval
+    # Each variant waits only for the stages it reads: the base and SFT results (no rollout) are written
+    # before the rollout stage runs.
+    first_rollout_write = min(p.stat().st_mtime for p in (seed0 / "rollout").rglob("*") if p.is_file())
+    assert (results / "tiny_llama/seed-0/sft.json").stat().st_mtime < first_rollout_write
     # The held-out items are the same for both seeds (eval_seed), the training sample is not.
     ids = [
         [

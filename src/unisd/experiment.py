@@ -192,9 +192,14 @@ class Cell:
 # shared stages of one (model, seed)
 
 
-def shared_stages(cell: Cell, cfg: ExperimentConfig, variants: list[str]) -> dict[str, float]:
+def shared_stages(
+    cell: Cell, cfg: ExperimentConfig, variants: list[str], needed_by: str | None = None
+) -> dict[str, float]:
     """prepare → contexts per kind → rollout → scores per kind, for the variants of this cell (each skips
-    when done). Returns stage wall times of this call."""
+    when done). The stages' settings come from all `variants` (e.g. the most views any of them reads), so a
+    stage computed for one variant is the one every other variant reads; with `needed_by`, only the stages
+    that variant reads run (the base reads none, SFT only prepare), so a cheap variant's result does not wait
+    for an expensive one's stages. Returns stage wall times of this call."""
     from unisd.contexts import run_contexts
     from unisd.prepare import run_prepare
     from unisd.rollout import run_rollout
@@ -215,7 +220,12 @@ def shared_stages(cell: Cell, cfg: ExperimentConfig, variants: list[str]) -> dic
     view_kinds = sorted({o.context_kind for o in objectives.values() if o.uses_views})
     wants_negatives = any(o.uses_negative for o in objectives.values())
     kinds = sorted(set(view_kinds) | ({NEGATIVES_KIND} if wants_negatives else set()))
-    for kind in kinds:
+    needed = objectives if needed_by is None else {v: o for v, o in objectives.items() if v == needed_by}
+    needed_views = {o.context_kind for o in needed.values() if o.uses_views}
+    needed_kinds = needed_views | (
+        {NEGATIVES_KIND} if any(o.uses_negative for o in needed.values()) else set()
+    )
+    for kind in [k for k in kinds if k in needed_kinds]:
         ctx = run.contexts.model_copy(
             update={
                 "kind": kind,
@@ -231,7 +241,7 @@ def shared_stages(cell: Cell, cfg: ExperimentConfig, variants: list[str]) -> dic
             prepared_dir=cell.prepared,
             out_dir=cell.contexts(kind),
         )
-    if any(o.uses_rollouts for o in objectives.values()):
+    if any(o.uses_rollouts for o in needed.values()):
         timed(
             "rollout",
             run_rollout,
@@ -240,7 +250,7 @@ def shared_stages(cell: Cell, cfg: ExperimentConfig, variants: list[str]) -> dic
             prepared_dir=cell.prepared,
             out_dir=cell.rollout,
         )
-    for kind in view_kinds:
+    for kind in [k for k in view_kinds if k in needed_views]:
         agreement = next(o for o in objectives.values() if o.uses_views and o.context_kind == kind)
         timed(
             f"scores-{kind}",
@@ -462,11 +472,13 @@ def run_experiment(
             if not todo:
                 written += [cell.result_file(v) for v in variants]
                 continue
-            shared = shared_stages(cell, cfg, todo)
+            shared: dict[str, float] = {}  # the stage times of this cell, as its variants computed them
             for variant in variants:
                 if variant in todo:
+                    for stage, seconds in shared_stages(cell, cfg, todo, needed_by=variant).items():
+                        shared[stage] = max(shared.get(stage, 0.0), seconds)  # a later call only skips it
                     log.info("%s seed %d: %s", plan.model, seed, variant)
-                    run_variant(cell, cfg, variant, shared)
+                    run_variant(cell, cfg, variant, dict(shared))
                 written.append(cell.result_file(variant))
     return written
 
