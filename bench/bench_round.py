@@ -7,6 +7,12 @@ model load included) is its own and not what an earlier stage left in the heap.
 
     python bench/bench_round.py                                  # demo settings, sd vs unisd_star, 3 repeats
     python bench/bench_round.py --presets sd sft unisd_star --repeats 1 rollout.decode=pruned
+    python bench/bench_round.py --negatives warm                  # a later round: negatives already sampled
+    python bench/bench_round.py --presets sd unisd_star unisd_star@contexts.dtype=bfloat16   # preset@overrides
+
+Negatives go through the cross-run sample cache (unisd/contexts/sample_cache.py). `--negatives cold` (the
+default) gives every round an empty cache of its own: the first round of a run. `--negatives warm` fills one
+cache per preset in an untimed round first: every later round of a run, or a rerun of the same items.
 """
 
 from __future__ import annotations
@@ -54,9 +60,12 @@ def run_stage(stage: str, config: str, overrides: list[str], root: Path) -> None
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_gib": peak_rss_gib()}))
 
 
-def one_round(config: str, overrides: list[str], root: Path) -> dict[str, dict]:
+def one_round(
+    config: str, overrides: list[str], root: Path, sample_cache: Path, stages=STAGES
+) -> dict[str, dict]:
     out = {}
-    for stage in STAGES:
+    env = {**os.environ, "UNISD_SAMPLE_CACHE": str(sample_cache)}
+    for stage in stages:
         cmd = [
             sys.executable,
             __file__,
@@ -68,35 +77,55 @@ def one_round(config: str, overrides: list[str], root: Path) -> dict[str, dict]:
             str(root),
             *overrides,
         ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             sys.exit(f"stage {stage} failed:\n{done.stderr[-3000:]}")
         out[stage] = json.loads(done.stdout.strip().splitlines()[-1])
     return out
 
 
+def round_overrides(entry: str, common: list[str]) -> list[str]:
+    """`preset` or `preset@key=value,key=value` → the run overrides of that row."""
+    preset, _, extra = entry.partition("@")
+    return [*common, *(extra.split(",") if extra else []), f"preset={preset}", "pipeline.shards=1"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    ap.add_argument("--presets", nargs="+", default=["sd", "unisd_star"])
+    ap.add_argument("--presets", nargs="+", default=["sd", "unisd_star"], help="preset or preset@k=v,k=v")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--negatives", choices=("cold", "warm"), default="cold", help="see the module docstring")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="run config overrides, key.sub=value")
     args = ap.parse_args()
     if args.stage:
         return run_stage(args.stage, args.config, args.overrides, Path(args.root))
+    if args.repeats < 1:
+        sys.exit(f"--repeats must be at least 1, got {args.repeats}")
     print(
         f"{args.config} {' '.join(args.overrides)}: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
-        f"{args.repeats} repeats, presets alternated; each stage in its own process; {time.strftime('%Y-%m-%d')}"
+        f"{args.repeats} repeats, presets alternated; each stage in its own process; negatives {args.negatives}; "
+        f"{time.strftime('%Y-%m-%d')}"
     )
     runs: dict[str, list[dict[str, dict]]] = {p: [] for p in args.presets}
-    for _ in range(args.repeats):
-        for preset in args.presets:
-            with tempfile.TemporaryDirectory() as tmp:
-                overrides = [*args.overrides, f"preset={preset}", "pipeline.shards=1"]
-                runs[preset].append(one_round(args.config, overrides, Path(tmp)))
+    with tempfile.TemporaryDirectory() as caches:
+        warm = {p: Path(caches) / f"warm-{p}" for p in args.presets}
+        if args.negatives == "warm":
+            for preset in args.presets:  # untimed: samples every negative into the preset's cache
+                with tempfile.TemporaryDirectory() as tmp:
+                    overrides = round_overrides(preset, args.overrides)
+                    one_round(args.config, overrides, Path(tmp), warm[preset], ("prepare", "contexts"))
+        for repeat in range(args.repeats):
+            for preset in args.presets:
+                with tempfile.TemporaryDirectory() as tmp:
+                    overrides = round_overrides(preset, args.overrides)
+                    cache = (
+                        warm[preset] if args.negatives == "warm" else Path(caches) / f"cold-{preset}-{repeat}"
+                    )
+                    runs[preset].append(one_round(args.config, overrides, Path(tmp), cache))
     print("stage seconds (median), round seconds (min / median / max):")
     print("| preset | " + " | ".join(STAGES) + " | round | × sd |")
     print("|---|" + "---|" * (len(STAGES) + 2))

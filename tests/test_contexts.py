@@ -501,8 +501,11 @@ def test_negative_candidates_are_sampled_once_across_runs_and_resumed_batch_by_b
     calls = []
     real_generate = rollout.generate
 
+    weights = []
+
     def counted(model, tokenizer, prompts, cfg, *, first_index=0):
         calls.append(first_index)
+        weights.append(next(model.parameters()).dtype)
         return real_generate(model, tokenizer, prompts, cfg, first_index=first_index)
 
     monkeypatch.setattr(rollout, "generate", counted)
@@ -526,3 +529,8 @@ def test_negative_candidates_are_sampled_once_across_runs_and_resumed_batch_by_b
     calls.clear()
     draft("run-d", cfg.model_copy(update={"negative_max_tokens": cfg.negative_max_tokens + 1}))
     assert len(calls) == batches  # a changed setting: every batch sampled afresh
+
+    # contexts.dtype: the negatives are sampled with bf16 weights, and fp32 texts are never served for them
+    calls.clear(), weights.clear()
+    draft("run-e", cfg.model_copy(update={"dtype": "bfloat16"}))
+    assert len(calls) == batches and set(weights) == {torch.bfloat16}

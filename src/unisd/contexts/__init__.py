@@ -117,6 +117,10 @@ class ContextsConfig(StrictModel):
     temperature: float = Field(0.7, ge=0.0)
     batch_size: int = Field(8, ge=1)  # generation batch
     decode: DecodePath = "hf"  # unisd.rollout.generate (negatives, induced instructions)
+    # The weights negatives and induced instructions are sampled with: "auto" = bf16 on CUDA, fp32 on CPU.
+    # They are texts for the teacher's context, never scored with the sampler's log-probs, so bf16 on a CPU
+    # with AVX512-BF16 (≈1.6× faster decode) costs no exactness the objective relies on.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_context_prompt_tokens: int = Field(4096, ge=1)
     max_negative_prompt_tokens: int = Field(4096, ge=1)
     sandbox_timeout_s: float = Field(5.0, gt=0.0)
@@ -213,7 +217,7 @@ def write_contexts(
     records = load_records(train_file)
     by_benchmark = _group_by_benchmark(records)
     tokenizer = tokenizer or load_tokenizer(model_spec)
-    get_model = _model_loader(model, model_spec, timer)
+    get_model = _model_loader(model, model_spec, timer, cfg.dtype)
     pool, pool_reused = _induced_pool(
         cfg, out_dir, train_file, model_spec, by_benchmark, get_model, tokenizer, timer
     )
@@ -256,8 +260,9 @@ def _group_by_benchmark(records: list[Record]) -> dict[str, list[Record]]:
     return by_benchmark
 
 
-def _model_loader(model, model_spec: str, timer) -> Callable[[], Any]:
-    """Returns a function giving `model`, loading `model_spec` (timed as "load") on first use only."""
+def _model_loader(model, model_spec: str, timer, dtype: str = "auto") -> Callable[[], Any]:
+    """Returns a function giving `model`, loading `model_spec` with `dtype` (timed as "load") on first use
+    only."""
     from unisd.models import load_model
 
     # A run that needs no generation (retrieval/random without negatives) never loads the model.
@@ -265,7 +270,7 @@ def _model_loader(model, model_spec: str, timer) -> Callable[[], Any]:
         nonlocal model
         if model is None:
             with timer("load"):
-                model = load_model(model_spec)
+                model = load_model(model_spec, dtype=dtype)
         return model
 
     return get_model

@@ -52,7 +52,10 @@ def sample_texts(
         seed=seed,
         decode=decode,
     )
-    cache = SampleCache(cache_model, cfg.model_dump(mode="json")) if cache_model else None
+    # the weights' dtype is part of the key: bf16 weights sample other texts than fp32 ones (contexts.dtype)
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    key = {**cfg.model_dump(mode="json"), "weights": weights}
+    cache = SampleCache(cache_model, key) if cache_model else None
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     texts: list[str] = [""] * len(prompts)
     per_call = prompts_per_call(cfg)
