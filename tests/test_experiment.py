@@ -23,7 +23,7 @@ def _config(tmp_path, lr=1e-3):
                 {
                     "model": "tiny:llama",
                     "seeds": [0, 1],
-                    "variants": ["base", "sft", "sd", "agreement_seq_random"],
+                    "variants": ["base", "sft", "agreement_seq_random", "sd"],
                 }
             ],
             "eval_overrides": {"commonsenseqa": {"limit": 4}},
@@ -81,6 +81,13 @@ def test_experiment_runs_resumes_and_reports(tmp_path):
     # before the rollout stage runs.
     first_rollout_write = min(p.stat().st_mtime for p in (seed0 / "rollout").rglob("*") if p.is_file())
     assert (results / "tiny_llama/seed-0/sft.json").stat().st_mtime < first_rollout_write
+    # and a result names only the shared stages its variant read
+    read = {
+        v: set(json.loads((results / f"tiny_llama/seed-0/{v}.json").read_text())["seconds"]["shared"])
+        for v in ("sft", "sd", "agreement_seq_random")
+    }
+    assert read["sft"] == {"prepare"} and read["sd"] == {"prepare", "rollout"}
+    assert read["agreement_seq_random"] == {"prepare", "rollout", "contexts-random", "scores-random"}
     # The held-out items are the same for both seeds (eval_seed), the training sample is not.
     ids = [
         [

@@ -475,10 +475,12 @@ def run_experiment(
             shared: dict[str, float] = {}  # the stage times of this cell, as its variants computed them
             for variant in variants:
                 if variant in todo:
-                    for stage, seconds in shared_stages(cell, cfg, todo, needed_by=variant).items():
+                    read = shared_stages(cell, cfg, todo, needed_by=variant)
+                    for stage, seconds in read.items():
                         shared[stage] = max(shared.get(stage, 0.0), seconds)  # a later call only skips it
                     log.info("%s seed %d: %s", plan.model, seed, variant)
-                    run_variant(cell, cfg, variant, dict(shared))
+                    # the result names the shared stages this variant read, each with its computed time
+                    run_variant(cell, cfg, variant, {stage: shared[stage] for stage in read})
                 written.append(cell.result_file(variant))
     return written
 
