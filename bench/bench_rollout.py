@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from unisd.artifacts import read_jsonl  # noqa: E402
-from unisd.models import load_model, load_tokenizer  # noqa: E402
+from unisd.models import cpu_description, load_model, load_tokenizer  # noqa: E402
 from unisd.prepare import PrepareConfig, run_prepare  # noqa: E402
 from unisd.rollout import DECODERS, RolloutConfig, prompts_per_call  # noqa: E402
 
@@ -107,7 +106,7 @@ def main() -> None:
     cfg = RolloutConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     paths = ["hf", *[name for name in args.paths if name != "hf"]]  # hf: the reference of every ratio
     print(
-        f"{args.model} on {args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.model} on {args.device} ({cpu_description()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads), {len(prompts)} prompts, ≤{args.max_new_tokens} new tokens, "
         f"T={args.temperature}, {args.repeats} repeats, paths alternated"
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -151,8 +150,10 @@ def main() -> None:
     args = p.parse_args()
     if args.variant:
         return child(args)
+    from unisd.models import cpu_description  # imports torch, as the children do
+
     print(
-        f"{args.model} on {args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.model} on {args.device} ({cpu_description()}, {os.cpu_count()} cores, "
         f"{args.threads} torch thread(s)); micro-batch {args.micro_batch} × accumulation {args.grad_accum}; "
         f"prompt {args.prompt_tokens} / teacher {args.teacher_tokens} / completion {args.completion_tokens} "
         f"tokens; LoRA r={args.lora_r}; gradient checkpointing {'on' if args.checkpointing else 'off'}; {args.repeats} repeats × {args.steps} steps, variants alternated; "

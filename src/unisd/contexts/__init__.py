@@ -118,8 +118,9 @@ class ContextsConfig(StrictModel):
     batch_size: int = Field(8, ge=1)  # generation batch
     decode: DecodePath = "hf"  # unisd.rollout.generate (negatives, induced instructions)
     # The weights negatives and induced instructions are sampled with: "auto" = bf16 on CUDA, fp32 on CPU.
-    # They are texts for the teacher's context, never scored with the sampler's log-probs, so bf16 on a CPU
-    # with AVX512-BF16 (≈1.6× faster decode) costs no exactness the objective relies on.
+    # They are texts for the teacher's context, never scored with the sampler's log-probs, so bf16 costs no
+    # exactness the objective relies on. On a CPU it pays only with native bf16 (AVX512-BF16/AMX): on an
+    # AVX2-only one the demo's contexts stage took 161 s in bf16 against 73 s in fp32 (docs/PERFORMANCE.md).
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_context_prompt_tokens: int = Field(4096, ge=1)
     max_negative_prompt_tokens: int = Field(4096, ge=1)
