@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from unisd.cli import main
+from unisd.experiment import load_experiment
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -153,3 +157,20 @@ def test_a_setting_added_since_keeps_a_result_and_a_changed_one_reruns_it(tmp_pa
 
     write_json(cell.result_file("sd"), {"settings_hash": "from-an-older-unisd"})  # no record of its settings
     assert not finished(cell, cfg, "sd")
+
+
+COMMITTED_CONFIGS = sorted(
+    p.relative_to(REPO_ROOT).as_posix()
+    for p in [*REPO_ROOT.glob("configs/experiment-*.yaml"), *REPO_ROOT.glob("configs/experiments/*.yaml")]
+)
+
+
+@pytest.mark.parametrize("path", COMMITTED_CONFIGS)
+def test_every_committed_experiment_config_validates(path):
+    # the GPU config has never run (no device lent): this is what keeps it from rotting as settings change
+    cfg = load_experiment(REPO_ROOT / path)
+    assert cfg.experiment.plans and all(plan.variants for plan in cfg.experiment.plans)
+
+
+def test_the_committed_configs_include_the_gpu_one():
+    assert "configs/experiment-gpu.yaml" in COMMITTED_CONFIGS and len(COMMITTED_CONFIGS) >= 7
