@@ -531,6 +531,7 @@ def test_negative_candidates_are_sampled_once_across_runs_and_resumed_batch_by_b
     assert len(calls) == batches  # a changed setting: every batch sampled afresh
 
     # contexts.dtype: the negatives are sampled with bf16 weights, and fp32 texts are never served for them
-    calls.clear(), weights.clear()
+    calls.clear()
+    weights.clear()
     draft("run-e", cfg.model_copy(update={"dtype": "bfloat16"}))
     assert len(calls) == batches and set(weights) == {torch.bfloat16}

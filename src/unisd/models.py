@@ -19,6 +19,7 @@ under `cache_dir()/models/<name>`; later loads read safetensors in well under a 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -200,14 +201,20 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
+@functools.cache
+def _this_cpuinfo() -> str:
+    """/proc/cpuinfo, read once per process ("" where there is none: not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_flags(cpuinfo: str | None = None) -> tuple[str, set[str]]:
     """This CPU's model name and feature flags, from /proc/cpuinfo (or `cpuinfo`'s text); ("", set()) where
     there is none to read (not Linux)."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return "", set()
+        cpuinfo = _this_cpuinfo()
     fields = dict(
         (key.strip(), value.strip())
         for key, _, value in (line.partition(":") for line in cpuinfo.splitlines())
