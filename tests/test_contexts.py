@@ -168,6 +168,49 @@ def test_retrieval_finds_the_obvious_neighbour(retriever):
         assert nb[0] == i ^ 1, f"{retriever}: {recs[i].question!r} → {recs[nb[0]].question!r}"
 
 
+@needs_minilm
+def test_minilm_without_sentence_transformers_equals_sentence_transformers():
+    """The transformers-only encoder (mean pooling + L2 norm) gives the embeddings sentence-transformers does,
+    for short texts, a batch of mixed lengths, and a text past max_seq_length (256: truncated the same way)."""
+    from unisd.contexts.retrieval import (
+        _sentence_transformers_embeddings,
+        mean_pooling_max_length,
+        minilm_embeddings,
+    )
+
+    assert mean_pooling_max_length(MINILM) == 256
+    texts = [r.question for r in _pair_records()] + ["x", "def f(a, b):\n    return a + b " * 60]
+    ours = minilm_embeddings(texts, MINILM, batch_size=3)
+    reference = _sentence_transformers_embeddings(texts, MINILM, batch_size=3)
+    assert ours.shape == (len(texts), 384)
+    assert torch.allclose(ours, reference, atol=2e-6), float((ours - reference).abs().max())
+
+
+def test_other_sentence_pipelines_keep_sentence_transformers(tmp_path):
+    """CLS pooling, an extra dense layer or a missing pooling config are not what the plain encoder computes."""
+    import json
+
+    from unisd.contexts.retrieval import mean_pooling_max_length
+
+    def folder(modules, pooling):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        (d / "1_Pooling").mkdir(parents=True)
+        mods = [{"type": f"sentence_transformers.models.{m}"} for m in modules]
+        (d / "modules.json").write_text(json.dumps(mods))
+        (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+        if pooling:
+            (d / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{pooling}": True}))
+        return d
+
+    assert mean_pooling_max_length(folder(["Transformer", "Pooling"], "mean_tokens")) == 128
+    assert mean_pooling_max_length(folder(["Transformer", "Pooling"], "cls_token")) is None
+    assert (
+        mean_pooling_max_length(folder(["Transformer", "Pooling", "Dense", "Normalize"], "mean_tokens"))
+        is None
+    )
+    assert mean_pooling_max_length(folder(["Transformer", "Pooling"], None)) is None
+
+
 def test_auto_retriever_falls_back_to_bm25_only_without_minilm(tmp_path):
     assert pick_retriever("auto", None) == (("minilm", MINILM) if MINILM else ("bm25", None))
     assert pick_retriever("bm25", None) == ("bm25", None)

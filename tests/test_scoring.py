@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unisd.models import tiny_model
-from unisd.scoring import _score_rows_plain, score_views, select_for_budget
+from unisd.scoring import ScoringConfig, _score_rows_plain, score_views, select_for_budget
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,72 @@ def test_paired_forward_with_a_shared_prefix_equals_two_plain_forwards(arch):
     mask = build_teacher_forcing_batch(pos, comps, pad_id=0).completion_mask
     torch.testing.assert_close(a[mask], ref_a[mask], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b[mask], ref_b[mask], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the stage: which passes the budget's signal runs, and which items it sends to the views
+
+
+def _stage(tmp_path, cfg: ScoringConfig, logps=None):
+    """run_scoring on tiny-model artifacts (test_train.make_artifacts), the rollout's log-probs replaced by
+    `logps` (per item) when given. Returns (manifest, scores.safetensors tensors, scored ids)."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_train import SPEC, make_artifacts
+
+    from unisd.artifacts import read_jsonl, write_jsonl
+    from unisd.scoring import run_scoring
+
+    prepared, contexts, rollout = make_artifacts(tmp_path / "art", n_items=8)
+    if logps is not None:
+        rows = read_jsonl(rollout / "completions.jsonl")
+        for row, lp in zip(rows, logps):
+            row["logps"] = lp(len(row["completion_ids"])) if callable(lp) else lp
+        write_jsonl(rollout / "completions.jsonl", rows)
+    out = tmp_path / "scores"
+    manifest = run_scoring(
+        cfg,
+        model_spec=SPEC,
+        prepared_dir=prepared,
+        contexts_dir=contexts,
+        rollout_dirs=[rollout],
+        out_dir=out,
+    )
+    return manifest, load_file(str(out / "scores.safetensors")), json.loads((out / "ids.json").read_text())
+
+
+def test_budget_one_runs_no_teacher_pass_and_scores_every_item(tmp_path):
+    manifest, tensors, _ = _stage(tmp_path, ScoringConfig(batch_size=4, budget=1.0, staleness_items=2))
+    assert "teacher" not in manifest["timings_s"]  # nothing to choose: the signal would be wasted work
+    assert "teacher_logps" not in tensors and "uncertainty" not in tensors
+    assert bool(tensors["has_views"].all()) and manifest["counts"]["scored_views"] == 8
+    assert manifest["counts"]["staleness_mean_abs_logp"] is not None  # the sampler check still runs
+
+
+def test_student_surprisal_picks_the_items_the_student_was_least_sure_of_without_a_forward(tmp_path):
+    # Items 1, 4, 6 and 7 sampled their tokens at log-prob −3, the rest at −0.1: those four are the top half.
+    surprised = {1, 4, 6, 7}
+    logps = [(lambda n, v=(-3.0 if i in surprised else -0.1): [v] * n) for i in range(8)]
+    cfg = ScoringConfig(batch_size=4, budget=0.5, uncertainty="student_surprisal", staleness_items=0)
+    manifest, tensors, ids = _stage(tmp_path, cfg, logps)
+    assert "teacher" not in manifest["timings_s"] and "student" not in manifest["timings_s"]
+    assert [i for i, has in zip(ids, tensors["has_views"].tolist()) if has] == [
+        f"t/{i}" for i in sorted(surprised)
+    ]
+    assert tensors["uncertainty"].tolist() == pytest.approx(
+        [3.0 if i in surprised else 0.1 for i in range(8)]
+    )
+
+
+def test_teacher_entropy_budget_still_runs_the_teacher_pass(tmp_path):
+    cfg = ScoringConfig(batch_size=4, budget=0.5, uncertainty="teacher_entropy", staleness_items=0)
+    manifest, tensors, _ = _stage(tmp_path, cfg)
+    assert "teacher" in manifest["timings_s"] and "teacher_logps" in tensors
+    assert manifest["counts"]["scored_views"] == 4
+
+
+def test_student_surprisal_refuses_a_rollout_without_log_probs(tmp_path):
+    cfg = ScoringConfig(batch_size=4, budget=0.5, uncertainty="student_surprisal")
+    with pytest.raises(ValueError, match=r"item t/0 has no log-prob per completion token \(field 'logps'\)"):
+        _stage(tmp_path, cfg, [[] for _ in range(8)])

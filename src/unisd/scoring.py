@@ -8,9 +8,10 @@ Work saved relative to "one HF forward per view per item":
 - only completion positions go through the LM head, in chunks (HF computes logits at every position);
 - rows whose prompts share a long token prefix (induced and random contexts repeat across items) compute
   that prefix's KV cache once and run only their suffixes against it;
-- adaptive budget: the primary teacher scores every completion first; only the fraction `budget` with the
-  highest uncertainty (mean teacher entropy, or student–teacher KL) gets the K-view re-scoring, the rest get
-  weight 1.
+- adaptive budget: only the fraction `budget` of completions with the highest uncertainty gets the K-view
+  re-scoring, the rest get weight 1. The signal is the student's surprisal on its own sample (the rollout's
+  log-probs: no forward at all), the mean c*-teacher entropy, or the student–teacher KL (a teacher pass over
+  every completion first; bench/bench_budget_signal.py compares them). With budget 1 no signal is computed.
 
 Output per shard: `scores.safetensors` (flat per-token arrays + offsets), `ids.json`, `manifest.json`.
 The trainer recomputes the agreement weights per global training batch (the quantile is a batch statistic);
@@ -47,16 +48,26 @@ from unisd.sequences import (
 log = logging.getLogger(__name__)
 
 
+UncertaintySignal = Literal["teacher_entropy", "divergence", "student_surprisal"]
+# The forward passes over every completion that each signal needs before the budget can choose.
+PASSES_FOR_SIGNAL: dict[str, frozenset[str]] = {
+    "teacher_entropy": frozenset({"teacher"}),
+    "divergence": frozenset({"teacher", "student"}),
+    "student_surprisal": frozenset(),
+}
+
+
 class ScoringConfig(StrictModel):
     batch_size: int = Field(8, ge=1)  # rows (item × view) per forward
     chunk_size: int = Field(1024, ge=1)  # completion tokens per LM-head chunk
     budget: float = Field(1.0, gt=0.0, le=1.0)  # fraction of completions that get the K-view re-scoring
-    uncertainty: Literal["teacher_entropy", "divergence"] = "teacher_entropy"
+    # student_surprisal needs no forward and chose as well as the teacher pass (bench/bench_budget_signal.py)
+    uncertainty: UncertaintySignal = "student_surprisal"
     prefix_cache: bool = True
     min_shared_prefix: int = Field(16, ge=1)  # tokens; shorter shared prefixes are not worth a separate pass
-    staleness_items: int = Field(
-        16, ge=0
-    )  # items per shard whose student log-probs are compared with the rollout's
+    # Items per shard whose student log-probs are compared with the rollout's: a sampler check (≈0 when healthy,
+    # ≈0.2 for stale weights), for which a few items' tokens are plenty.
+    staleness_items: int = Field(4, ge=0)
     num_shards: int = Field(1, ge=1)
     shard_index: int = Field(0, ge=0)
 
@@ -65,6 +76,11 @@ class ScoringConfig(StrictModel):
         if self.shard_index >= self.num_shards:
             raise ValueError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
         return self
+
+    @property
+    def passes(self) -> frozenset[str]:
+        """The full-shard passes the budget's signal needs ("teacher", "student"); none at budget 1."""
+        return PASSES_FOR_SIGNAL[self.uncertainty] if self.budget < 1.0 else frozenset()
 
 
 @torch.no_grad()
@@ -327,22 +343,22 @@ def score_completions(
 
 
 def score_teacher_and_student(model, rows, ys, scorable, cfg: ScoringConfig, *, pad_id: int, timer):
-    """The c*-teacher on every non-empty completion ((log-probs, entropies) per item), and the student on the
-    ones the uncertainty (divergence) or the staleness check needs ({item: log-probs})."""
-    with timer("teacher"):
-        scored = score_completions(
-            model,
-            [rows[n]["teacher_prompt_ids"] for n in scorable],
-            [ys[n] for n in scorable],
-            cfg,
-            pad_id=pad_id,
-            want_entropy=True,
-            desc="scoring teacher",
-        )
-    teacher: list[tuple[list[float], list[float] | None]] = [([], None)] * len(ys)
-    for n, row in zip(scorable, scored):
-        teacher[n] = row
-    need = scorable if cfg.uncertainty == "divergence" else scorable[: cfg.staleness_items]
+    """The passes the budget's signal needs (`cfg.passes`) and the staleness check: ({item: (c*-teacher
+    log-probs, entropies)}, {item: student log-probs}) over the non-empty completions that got them."""
+    teacher: dict[int, tuple[list[float], list[float] | None]] = {}
+    if "teacher" in cfg.passes:
+        with timer("teacher"):
+            scored = score_completions(
+                model,
+                [rows[n]["teacher_prompt_ids"] for n in scorable],
+                [ys[n] for n in scorable],
+                cfg,
+                pad_id=pad_id,
+                want_entropy=True,
+                desc="scoring teacher",
+            )
+        teacher = dict(zip(scorable, scored))
+    need = scorable if "student" in cfg.passes else scorable[: cfg.staleness_items]
     student: dict[int, list[float]] = {}
     if need:
         with timer("student"):
@@ -352,13 +368,23 @@ def score_teacher_and_student(model, rows, ys, scorable, cfg: ScoringConfig, *, 
     return teacher, student
 
 
-def uncertainty_of(cfg: ScoringConfig, teacher: Sequence, student: dict[int, list[float]], ys) -> list[float]:
-    """Per item: mean teacher entropy, or the sampled-token estimate of KL(student ‖ teacher) on y ~ student,
-    mean_t (log p^S − log p^T) (cfg.uncertainty)."""
-    if cfg.uncertainty != "divergence":
-        return [sum(ent or []) / max(1, len(ent or [])) for _, ent in teacher]
+def uncertainty_of(
+    cfg: ScoringConfig, teacher: dict, student: dict[int, list[float]], rollout_logps: Sequence, ys
+) -> list[float] | None:
+    """Per item, the budget's signal (cfg.uncertainty): mean c*-teacher entropy; the sampled-token estimate of
+    KL(student ‖ teacher) on y ~ student, mean_t (log p^S − log p^T); or the student's surprisal on its own
+    sample, mean_t −log p^S(y_t) from the rollout's log-probs. None at budget 1 (every item gets the views)."""
+    if cfg.budget >= 1.0:
+        return None
+    if cfg.uncertainty == "student_surprisal":
+        return [-sum(lps) / max(1, len(lps)) for lps in rollout_logps]
+    if cfg.uncertainty == "teacher_entropy":
+        return [
+            sum(ent or []) / max(1, len(ent or []))
+            for _, ent in (teacher.get(n, ([], None)) for n in range(len(ys)))
+        ]
     return [
-        sum(s - t for s, t in zip(student.get(n, []), teacher[n][0])) / max(1, len(ys[n]))
+        sum(s - t for s, t in zip(student.get(n, []), teacher.get(n, ([], None))[0])) / max(1, len(ys[n]))
         for n in range(len(ys))
     ]
 
@@ -416,14 +442,19 @@ def pack_scores(
         w = agreement_weights(stacked, mask, **{**objective.agreement_kwargs(), "faithful": True})
         for j, n in enumerate(chosen):
             weights[offsets[n] : offsets[n + 1]] = w[j, : lengths[n]]
-    return {
+    out = {
         "offsets": offsets,
-        "teacher_logps": torch.tensor([v for lp, _ in teacher for v in lp], dtype=torch.float32).reshape(-1),
         "view_logps": flat_views.contiguous(),
         "has_views": has_views,
         "weights": weights,
-        "uncertainty": torch.tensor(uncertainty, dtype=torch.float32),
     }
+    if teacher:  # the teacher pass ran (its signal chose the budget's items): kept for inspection
+        empty: tuple[list[float], None] = ([], None)
+        flat = [v for n in range(len(ys)) for v in teacher.get(n, empty)[0]]
+        out["teacher_logps"] = torch.tensor(flat, dtype=torch.float32).reshape(-1)
+    if uncertainty is not None:
+        out["uncertainty"] = torch.tensor(uncertainty, dtype=torch.float32)
+    return out
 
 
 def run_scoring(
@@ -467,7 +498,10 @@ def run_scoring(
     scorable = [n for n, y in enumerate(ys) if y]
     rows = [prepared[i] for i in ids]
     teacher, student = score_teacher_and_student(model, rows, ys, scorable, cfg, pad_id=pad_id, timer=timer)
-    uncertainty = uncertainty_of(cfg, teacher, student, ys)
+    rollout_logps = (
+        _rollout_logps(completions, ids, rollout_dirs) if cfg.uncertainty == "student_surprisal" else []
+    )
+    uncertainty = uncertainty_of(cfg, teacher, student, rollout_logps, ys)
     chosen = _choose_for_views(uncertainty, scorable, cfg.budget)
     views_of = [contexts[i]["views"] for i in ids]
     with timer("views"):
@@ -491,8 +525,27 @@ def _shard_inputs(
     return prepared, contexts, completions, ids
 
 
-def _choose_for_views(uncertainty: Sequence[float], scorable: list[int], budget: float) -> list[int]:
-    """Returns the items (indices into the shard) that get the K-view re-scoring, in shard order."""
+def _rollout_logps(completions: dict[str, dict], ids: list[str], rollout_dirs) -> list[list[float]]:
+    """The rollout's log-prob of every completion token, per item of the shard (what student_surprisal reads)."""
+    out = []
+    for i in ids:
+        row = completions[i]
+        logps = row.get("logps")
+        if not isinstance(logps, list) or len(logps) != len(row["completion_ids"]):
+            raise ValueError(
+                f"rollout {', '.join(map(str, rollout_dirs))}: item {i} has no log-prob per completion token "
+                f"(field 'logps'), which scoring.uncertainty=student_surprisal reads; rerun the rollout with this "
+                "version, or choose scoring.uncertainty=teacher_entropy"
+            )
+        out.append(logps)
+    return out
+
+
+def _choose_for_views(uncertainty: Sequence[float] | None, scorable: list[int], budget: float) -> list[int]:
+    """Returns the items (indices into the shard) that get the K-view re-scoring, in shard order (all of them
+    when there is no signal: budget 1)."""
+    if uncertainty is None:
+        return list(scorable)
     picked = select_for_budget([uncertainty[n] for n in scorable], budget) if scorable else set()
     return [scorable[j] for j in sorted(picked)]
 
@@ -535,7 +588,8 @@ def _scoring_counts(
 
 
 def load_scores(dirs: Sequence[str | Path]) -> dict[str, dict[str, torch.Tensor]]:
-    """Merge scoring shards into {id: {"view_logps": [K, T] or None, "weights": [T], "teacher_logps": [T]}}."""
+    """Merge scoring shards into {id: {"view_logps": [K, T] or None, "weights": [T], "teacher_logps": [T] or
+    None}}: teacher_logps only where the budget's signal ran a teacher pass."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for d in dirs:
         d = Path(d)
@@ -547,6 +601,6 @@ def load_scores(dirs: Sequence[str | Path]) -> dict[str, dict[str, torch.Tensor]
             out[item_id] = {
                 "view_logps": tensors["view_logps"][:, a:b] if bool(tensors["has_views"][n]) else None,
                 "weights": tensors["weights"][a:b],
-                "teacher_logps": tensors["teacher_logps"][a:b],
+                "teacher_logps": tensors["teacher_logps"][a:b] if "teacher_logps" in tensors else None,
             }
     return out

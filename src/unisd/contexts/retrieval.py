@@ -117,8 +117,60 @@ def resolve_minilm_dir(explicit: str | None = None) -> Path | None:
 
 
 def minilm_embeddings(texts: Sequence[str], model_dir: Path, *, batch_size: int = 64) -> torch.Tensor:
-    """[N, 384] L2-normalised sentence embeddings (fp32, CPU) with all-MiniLM-L6-v2, offline."""
+    """[N, 384] L2-normalised sentence embeddings (fp32, CPU) with all-MiniLM-L6-v2, offline.
+
+    A sentence-transformers folder that is a transformer + mean pooling (+ normalisation) — all-MiniLM-L6-v2
+    is — is encoded with transformers alone: importing sentence_transformers costs ≈9 s of a 2-core machine's
+    contexts stage, more than encoding a few thousand texts. Any other pipeline goes through it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    max_length = mean_pooling_max_length(model_dir)
+    if max_length is None:
+        return _sentence_transformers_embeddings(texts, model_dir, batch_size=batch_size)
+    from transformers import AutoModel, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    encoder = AutoModel.from_pretrained(str(model_dir)).to(device).eval()
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths share a batch
+    out = torch.empty(len(texts), encoder.config.hidden_size)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            hidden = encoder(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out[rows] = torch.nn.functional.normalize(mean, dim=-1).float().cpu()
+    return out
+
+
+def mean_pooling_max_length(model_dir: Path) -> int | None:
+    """The max_seq_length of a sentence-transformers folder whose modules are a transformer, mean pooling and
+    optionally a normalisation; None for any other pipeline (CLS or max pooling, dense layers, …)."""
+    import json
+
+    try:
+        modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((model_dir / "modules.json").read_text())]
+        pooling = json.loads((model_dir / "1_Pooling" / "config.json").read_text())
+        settings = json.loads((model_dir / "sentence_bert_config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    modes = {k for k, v in pooling.items() if k.startswith("pooling_mode") and v}
+    plain = modules in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"])
+    if not plain or modes != {"pooling_mode_mean_tokens"} or settings.get("do_lower_case"):
+        return None
+    return int(settings.get("max_seq_length") or 512)
+
+
+def _sentence_transformers_embeddings(
+    texts: Sequence[str], model_dir: Path, *, batch_size: int
+) -> torch.Tensor:
     from sentence_transformers import SentenceTransformer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
