@@ -174,3 +174,21 @@ def test_every_committed_experiment_config_validates(path):
 
 def test_the_committed_configs_include_the_gpu_one():
     assert "configs/experiment-gpu.yaml" in COMMITTED_CONFIGS and len(COMMITTED_CONFIGS) >= 7
+
+
+def test_committed_results_stay_current_for_their_configs():
+    """Every committed result file is one its experiment's config would not rerun: a changed RunConfig default
+    (or a setting that changes what a variant computes) would silently cost hours of reruns, so it must be
+    a new value set in a config, never a new default."""
+    from unisd.artifacts import read_json
+    from unisd.experiment import Cell, finished
+
+    configs = {load_experiment(REPO_ROOT / p).experiment.name: REPO_ROOT / p for p in COMMITTED_CONFIGS}
+    files = sorted(REPO_ROOT.glob("docs/results/*/*/seed-*/*.json"))
+    assert len(files) >= 40
+    for path in files:
+        result = read_json(path)
+        cfg = load_experiment(configs[result["experiment"]])
+        cell = Cell(REPO_ROOT / "runs", path.parents[2], result["model"], int(result["seed"]))
+        assert cell.result_file(result["variant"]) == path
+        assert finished(cell, cfg, result["variant"]), f"{path.relative_to(REPO_ROOT)} would be rerun"

@@ -61,13 +61,14 @@ class ScoringConfig(StrictModel):
     batch_size: int = Field(8, ge=1)  # rows (item × view) per forward
     chunk_size: int = Field(1024, ge=1)  # completion tokens per LM-head chunk
     budget: float = Field(1.0, gt=0.0, le=1.0)  # fraction of completions that get the K-view re-scoring
-    # student_surprisal needs no forward and chose as well as the teacher pass (bench/bench_budget_signal.py)
-    uncertainty: UncertaintySignal = "student_surprisal"
+    # student_surprisal needs no forward and chose as well as the teacher pass (bench/bench_budget_signal.py);
+    # the default stays what results were computed with (experiment results record every setting).
+    uncertainty: UncertaintySignal = "teacher_entropy"
     prefix_cache: bool = True
     min_shared_prefix: int = Field(16, ge=1)  # tokens; shorter shared prefixes are not worth a separate pass
     # Items per shard whose student log-probs are compared with the rollout's: a sampler check (≈0 when healthy,
-    # ≈0.2 for stale weights), for which a few items' tokens are plenty.
-    staleness_items: int = Field(4, ge=0)
+    # ≈0.2 for stale weights), for which a few items' tokens are plenty (the demo uses 4).
+    staleness_items: int = Field(16, ge=0)
     num_shards: int = Field(1, ge=1)
     shard_index: int = Field(0, ge=0)
 
