@@ -39,6 +39,7 @@ venv: $(VENV)/.core
 # bubblewrap is the preferred sandbox backend, util-linux unshare the fallback; with neither the sandbox
 # refuses to run model-written code unless UNISD_SANDBOX_BACKEND=rlimit says the pod itself is the boundary.
 # chromium renders the run report in a test (headless screenshot); tests skip that one without it.
+# tcmalloc: the `unisd` command restarts itself on it where installed (unisd.allocator), optional.
 chromium:
 	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) \
@@ -51,6 +52,11 @@ sysdeps:
 	    (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1)) \
 	      && echo "installed bubblewrap" || echo "WARNING: could not install bubblewrap; sandbox uses a weaker backend"; \
 	  else echo "WARNING: bubblewrap (bwrap) missing and not root; sandbox uses a weaker backend"; fi; \
+	fi
+	@if ! ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 2>/dev/null | grep -q . \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1)) \
+	    && echo "installed tcmalloc" || echo "note: no tcmalloc; unisd runs on glibc's allocator (about 1.7x the train step's memory)"; \
 	fi
 
 demo: $(VENV)/.core sysdeps

@@ -103,10 +103,11 @@ def main() -> None:
         return run_stage(args.stage, args.config, args.overrides, Path(args.root))
     if args.repeats < 1:
         sys.exit(f"--repeats must be at least 1, got {args.repeats}")
+    from unisd.allocator import active
     from unisd.models import cpu_description  # imports torch: not before a stage child's early return
 
     print(
-        f"{args.config} {' '.join(args.overrides)}: {cpu_description()}, "
+        f"{args.config} {' '.join(args.overrides)}: {cpu_description()}, allocator {active()}, "
         f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
         f"{args.repeats} repeats, presets alternated; each stage in its own process; negatives {args.negatives}; "
         f"{time.strftime('%Y-%m-%d')}"

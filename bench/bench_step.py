@@ -8,6 +8,7 @@ within every repeat, and the table gives min / median / max over repeats plus th
     python bench/bench_step.py                                    # SmolLM2-135M, CPU, 2 items per micro-batch
     python bench/bench_step.py --micro-batch 4 --grad-accum 2     # the demo's settings
     python bench/bench_step.py --variants sd sd+released-heap  # glibc keeps freed heap, or returns it
+    python bench/bench_step.py --variants sd+system sd+tcmalloc sd+jemalloc  # the allocator (unisd.allocator)
     python bench/bench_step.py --device cuda --model random:qwen2.5-0.5b --micro-batch 8 \
         --prompt-tokens 512 --teacher-tokens 1024 --completion-tokens 512
 """
@@ -28,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-# `<preset>+released-heap` runs the preset with train.release_host_memory=true (freed heap back to the OS)
+# `<preset>+released-heap` runs the preset with train.release_host_memory=true (freed heap back to the OS);
+# `<preset>+tcmalloc` / `+jemalloc` / `+system` runs it on that allocator (unisd.allocator); suffixes combine.
 RELEASED_HEAP = "released-heap"
 VARIANTS = ["sd", "sft", "agreement_tok_retrieval", "ema", "contrastive", "match_joint", "clip", "unisd_star"]
 
@@ -78,13 +80,15 @@ def child(args) -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name, _, suffix = args.variant.partition("+")
+    from unisd.allocator import active
+
+    name, *suffixes = args.variant.split("+")
     objective = preset(name)
     cfg = TrainConfig(
         lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
         micro_batch_size=args.micro_batch,
         gradient_checkpointing=args.checkpointing,
-        release_host_memory=suffix == RELEASED_HEAP,
+        release_host_memory=RELEASED_HEAP in suffixes,
     )
     tokenizer, model, teacher = build_models(cfg, objective, args.model)
     if args.device != "cpu":
@@ -123,6 +127,7 @@ def child(args) -> None:
         json.dumps(
             {
                 "variant": args.variant,
+                "allocator": active(),
                 "step_s": statistics.median(times),
                 "peak_gib": peak,
                 "rss_before_steps_gib": base_rss / 2**20,
@@ -163,19 +168,46 @@ def main() -> None:
     for _ in range(args.repeats):
         for variant in args.variants:
             cmd = [sys.executable, __file__, *_strip_variants(sys.argv[1:]), "--variant", variant]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            env = {**allocator_environment(variant), "OMP_NUM_THREADS": str(args.threads)}
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    sd = statistics.median(r["step_s"] for r in runs["sd"]) if "sd" in runs else None
-    print("| variant | step s min / median / max | × sd (median) | peak memory GiB (median) |")
-    print("|---|---|---|---|")
+    # the reference: plain sd, else the first sd variant (`sd+system` beside `sd+tcmalloc`)
+    ref = next((v for v in ("sd", *runs) if v in runs and v.split("+")[0] == "sd"), None)
+    sd = statistics.median(r["step_s"] for r in runs[ref]) if ref else None
+    print(
+        f"| variant | allocator | step s min / median / max | × {ref or 'sd'} (median) | peak memory GiB (median) |"
+    )
+    print("|---|---|---|---|---|")
     for variant, rs in runs.items():
         t = [r["step_s"] for r in rs]
         ratio = f"{statistics.median(t) / sd:.2f}×" if sd else "–"
         print(
-            f"| {variant} | {min(t):.2f} / {statistics.median(t):.2f} / {max(t):.2f} | {ratio} | "
+            f"| {variant} | {rs[0]['allocator']} | {min(t):.2f} / {statistics.median(t):.2f} / {max(t):.2f} | {ratio} | "
             f"{statistics.median(r['peak_gib'] for r in rs):.2f} |"
         )
+
+
+def allocator_environment(variant: str) -> dict[str, str]:
+    """The child's environment: the parent's, or the one its `+<allocator>` suffix asks for."""
+    from unisd.allocator import CHOICES, LIBRARIES, SYSTEM, AllocatorError, find, preload_environment, resolve
+
+    _, *suffixes = variant.split("+")
+    unknown = [s for s in suffixes if s != RELEASED_HEAP and s not in CHOICES]
+    if unknown:
+        raise SystemExit(f"bench_step: variant {variant!r}: unknown suffix {unknown[0]!r}")
+    allocator = next((s for s in suffixes if s in CHOICES), None)
+    if allocator is None:
+        return dict(os.environ)
+    libraries = {str(find(n)) for n in LIBRARIES if find(n)}
+    kept = ":".join(p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p not in libraries)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | ({"LD_PRELOAD": kept} if kept else {})
+    if allocator == SYSTEM:
+        return env
+    try:
+        target = resolve(allocator)
+    except AllocatorError as err:
+        raise SystemExit(f"bench_step: variant {variant!r}: {err}") from None
+    return preload_environment(*target, env) if target else env
 
 
 def _strip_variants(argv: list[str]) -> list[str]:

@@ -43,6 +43,7 @@ import yaml
 from mlflow_server import MlflowServer
 from s3_server import S3Server, clear_fsspec_cache
 
+from unisd.allocator import find as find_allocator
 from unisd.images import image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +115,9 @@ class PodTaskHandler:
 
         dockerfile = "sandbox" if self.image == image("sandbox") else "train"  # grade_op: the sandbox image
         env = {k: local(v) for k, v in dockerfile_env(REPO / "docker" / f"{dockerfile}.Dockerfile").items()}
+        # the image preloads tcmalloc from a fixed link: this machine's copy where it has one, else none
+        if env.pop("LD_PRELOAD", None) and find_allocator("tcmalloc"):
+            env["LD_PRELOAD"] = str(find_allocator("tcmalloc"))
         # the image installs the package editable from /opt/unisd/src; this venv's install points elsewhere
         env["PYTHONPATH"] = local(f"{IMAGE_CODE}/src:") + env["PYTHONPATH"]
         env |= {k: local(v) for k, v in self.env_vars.items()}  # the IR container env

@@ -940,6 +940,22 @@ def test_rollout_image_keeps_vllm_pins_apart():
     assert "torch==2.13.0" in train and "deepspeed==0.19.8" in train
 
 
+def test_train_image_runs_on_tcmalloc():
+    """The train image preloads the allocator unisd.allocator would pick, from the link its RUN creates."""
+    from unisd.allocator import LIBRARIES
+
+    instructions = parse_dockerfile((DOCKER / "train.Dockerfile").read_text())
+    runs = "\n".join(i.args for i in instructions if i.cmd == "RUN")
+    env = " ".join(i.args for i in instructions if i.cmd == "ENV")
+    preload = re.search(r"LD_PRELOAD=(\S+)", env).group(1)
+    assert Path(preload).name in LIBRARIES["tcmalloc"]
+    assert "libtcmalloc-minimal4" in runs
+    link = runs.split("ln -s ", 1)[1].split("&&")[0].split()
+    assert link[-1] == preload, "the link ENV preloads is the one the RUN creates"
+    # tcmalloc's default prints a line on stderr for every allocation over 1 GiB
+    assert "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=" in env
+
+
 def test_dockerfile_parser_and_checker_catch_mistakes(tmp_path):
     parsed = parse_dockerfile(
         '# syntax=docker/dockerfile:1\nFROM a:1 AS b\nRUN echo 1 \\\n  # note\n  && echo 2\nCOPY ["x", "y"]\n'

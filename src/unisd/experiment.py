@@ -148,8 +148,11 @@ def machine() -> dict[str, Any]:
 
     import torch
 
+    from unisd.allocator import active
+
     return {
         "node": platform.node(),
+        "allocator": active(),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

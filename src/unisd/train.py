@@ -89,6 +89,7 @@ class TrainConfig(StrictModel):
     # CPU only: hand freed heap memory back to the OS before each decoder layer (unisd.host_memory); glibc
     # otherwise keeps a step's resident set near twice what is live. Same numbers; with gradient
     # checkpointing the train step's peak goes 5.0 -> 2.1 GiB (SmolLM2, micro-batch 4) for +9-12% step time.
+    # On tcmalloc (unisd.allocator, the `unisd` command's default where installed) it is not needed.
     release_host_memory: bool = False
     max_bad_fraction: float = Field(
         0.1, ge=0.0, le=1.0
