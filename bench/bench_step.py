@@ -198,9 +198,12 @@ def allocator_environment(variant: str) -> dict[str, str]:
     allocator = next((s for s in suffixes if s in CHOICES), None)
     if allocator is None:
         return dict(os.environ)
-    libraries = {str(find(n)) for n in LIBRARIES if find(n)}
-    kept = ":".join(p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p not in libraries)
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | ({"LD_PRELOAD": kept} if kept else {})
+    # the parent may itself run on an allocator: the child starts from LD_PRELOAD without it
+    libraries = {str(path) for path in map(find, LIBRARIES) if path}
+    kept = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p not in libraries]
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if kept:
+        env["LD_PRELOAD"] = ":".join(kept)
     if allocator == SYSTEM:
         return env
     try:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 ENV = "UNISD_ALLOCATOR"
 SYSTEM = "system"
-# Debian/Ubuntu packages: libtcmalloc-minimal4 (gperftools), libjemalloc2
 LIBRARIES = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"), "jemalloc": ("libjemalloc.so.2",)}
+PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}  # Debian/Ubuntu (apt)
 CHOICES = ("auto", *LIBRARIES, SYSTEM)
 # System library folders only: a preloaded library runs inside every process unisd starts.
 LIBRARY_DIRS = (
@@ -69,9 +69,8 @@ def resolve(choice: str, dirs: Sequence[str] = LIBRARY_DIRS) -> tuple[str, Path]
             return name, path
     if choice == "auto":
         return None
-    package = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}[choice]
     raise AllocatorError(
-        f"{ENV}={choice}, but none of {', '.join(LIBRARIES[choice])} is in {', '.join(dirs)}: install {package} "
+        f"{ENV}={choice}, but none of {', '.join(LIBRARIES[choice])} is in {', '.join(dirs)}: install {PACKAGES[choice]} "
         f"(apt), or set {ENV}=auto or {SYSTEM}"
     )
 

@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     bad input or an environment to fix, 1 for an internal error; -v also prints the traceback.
 
     Run as the `unisd` command (argv None), it first restarts itself on tcmalloc where the machine has it
-    (unisd.allocator: about half the train step's resident memory on glibc)."""
+    (unisd.allocator: the demo's train step peaks at 0.58-0.63x its memory on glibc)."""
     if argv is None:
         from unisd.allocator import AllocatorError, reexec_with_allocator
 
